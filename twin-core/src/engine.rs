@@ -1,0 +1,310 @@
+//! [`Simulation`]: builds the world from a scenario and advances it step by step.
+//!
+//! A step ends at the next tick, the next storyboard edge or the end of the run, whichever
+//! comes first, so events take effect at their exact time whatever the tick. The driver (the
+//! `twin` binary, a test, a benchmark) calls [`Simulation::step`] until it returns false,
+//! pacing the calls against the wall clock itself when the scenario asks for it.
+
+use std::sync::Arc;
+
+use bevy_ecs::schedule::Schedule;
+use bevy_ecs::world::World;
+use bevy_tasks::{ComputeTaskPool, TaskPoolBuilder};
+
+use crate::components::{
+    ChannelStats, ClockSkew, Device, DeviceRow, DeviceTable, EdgeBuffer, Gateway, Power, Recorder,
+    Recording, ReplayCursor, ScenarioSpec, Sensor, SensorState, SensorStats, StepOutput, Topology,
+    Uplink,
+};
+use crate::metrics::{GatewayMetrics, GroupMetrics, Metrics};
+use crate::replay::series_key;
+use crate::report::Report;
+use crate::rng::Stream;
+use crate::scenario::Scenario;
+use crate::schedule::step_schedule;
+use crate::signal::Signal;
+use crate::stats::RunStats;
+use crate::systems::storyboard::Storyboard;
+use crate::systems::uplink::UplinkState;
+use crate::time::{SimClock, SimDuration};
+
+/// Sets the number of worker threads of the sensor pass. Only the first call in a process has
+/// an effect (the pool is global); without a call, the pool uses every core.
+pub fn init_threads(threads: usize) {
+    ComputeTaskPool::get_or_init(|| {
+        TaskPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .thread_name("twin-sample".into())
+            .build()
+    });
+}
+
+/// Options of a run.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunOptions {
+    /// Keep every reading for [`Simulation::drain_recording`].
+    pub record: bool,
+}
+
+/// One recorded reading.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RecordedSample<'a> {
+    /// The device's timestamp (with its clock error), seconds from the scenario start.
+    pub timestamp: f64,
+    /// Device id.
+    pub device: &'a str,
+    /// Sensor name.
+    pub sensor: &'a str,
+    /// Channel values.
+    pub values: &'a [f64],
+}
+
+/// A running simulation.
+pub struct Simulation {
+    world: World,
+    schedule: Schedule,
+    scenario: Arc<Scenario>,
+}
+
+impl Simulation {
+    /// Builds the world: gateways, then devices group by group, each followed by its sensors.
+    pub fn new(scenario: Arc<Scenario>, options: RunOptions) -> Self {
+        ComputeTaskPool::get_or_init(Default::default);
+        let mut world = World::new();
+        let mut topology = Topology::default();
+        for (index, gateway) in scenario.gateways.iter().enumerate() {
+            let entity = world
+                .spawn((
+                    Gateway {
+                        index: index as u16,
+                    },
+                    EdgeBuffer {
+                        capacity_bytes: gateway.buffer_bytes,
+                        ..Default::default()
+                    },
+                ))
+                .id();
+            topology.gateways.push(entity);
+        }
+        let devices = scenario.device_count() as usize;
+        topology.devices.reserve_exact(devices);
+        topology.sensor_start.reserve_exact(devices + 1);
+        topology
+            .sensors
+            .reserve_exact(scenario.sensor_count() as usize);
+        let mut rows = Vec::with_capacity(devices);
+        let mut summary_entry_bytes = Vec::with_capacity(scenario.groups.len());
+        for (group_index, group) in scenario.groups.iter().enumerate() {
+            let specs = &scenario.sensors[group.sensors.clone()];
+            summary_entry_bytes.push(
+                specs
+                    .iter()
+                    .map(|s| u64::from(s.summary_entry_bytes()))
+                    .sum(),
+            );
+            for ordinal in 0..group.count {
+                let index = group.first_device + ordinal;
+                let device_id = group.device_id(ordinal);
+                let device = Device {
+                    index,
+                    group: group_index as u16,
+                    gateway: group.gateway,
+                };
+                let entity = world
+                    .spawn((
+                        device,
+                        Power { online: true },
+                        Uplink(group.upload),
+                        ClockSkew::default(),
+                    ))
+                    .id();
+                topology.devices.push(entity);
+                topology.sensor_start.push(topology.sensors.len() as u32);
+                rows.push(DeviceRow {
+                    online: true,
+                    mode: group.upload.mode,
+                    overhead_bytes: group.upload.overhead_bytes,
+                    window: group.upload.window.0,
+                    skew: ClockSkew::default(),
+                });
+                for (local, spec) in specs.iter().enumerate() {
+                    let sensor = Sensor {
+                        device: index,
+                        spec: (group.sensors.start + local) as u32,
+                    };
+                    let state = SensorState {
+                        next_index: 0,
+                        level: spec.signal.initial_level(),
+                        stream: Stream::derive(scenario.seed, &[&device_id, &spec.name, "signal"]),
+                        step: StepOutput::default(),
+                    };
+                    let stats = SensorStats {
+                        channels: (0..spec.dims)
+                            .map(|_| ChannelStats {
+                                last: f64::NAN,
+                                ..Default::default()
+                            })
+                            .collect(),
+                    };
+                    let mut sensor_entity = world.spawn((sensor, state, stats));
+                    if let Signal::Replay(replay) = &spec.signal {
+                        let filled: Vec<String> = replay
+                            .filter
+                            .iter()
+                            .map(|(_, t)| {
+                                t.replace("{id}", &device_id)
+                                    .replace("{sensor}", &spec.name)
+                                    .replace("{group}", &group.name)
+                            })
+                            .collect();
+                        let key = series_key(filled.iter().map(String::as_str));
+                        let series = replay.table.series.get(&key).cloned().unwrap_or_default();
+                        sensor_entity.insert(ReplayCursor {
+                            series,
+                            row: 0,
+                            pass: 0,
+                        });
+                    }
+                    if options.record {
+                        sensor_entity.insert(Recorder::default());
+                    }
+                    topology.sensors.push(sensor_entity.id());
+                }
+            }
+        }
+        topology.sensor_start.push(topology.sensors.len() as u32);
+        world.insert_resource(UplinkState::new(devices, summary_entry_bytes));
+        world.insert_resource(DeviceTable(rows));
+        world.insert_resource(topology);
+        world.insert_resource(Recording(options.record));
+        world.insert_resource(Metrics {
+            groups: vec![GroupMetrics::default(); scenario.groups.len()],
+            gateways: vec![GatewayMetrics::default(); scenario.gateways.len()],
+            ..Default::default()
+        });
+        world.insert_resource(Storyboard::new(&scenario));
+        world.insert_resource(SimClock {
+            now: 0,
+            step_end: 0,
+            end: scenario.clock.duration.0,
+            tick: scenario.clock.tick.0,
+        });
+        world.insert_resource(ScenarioSpec(scenario.clone()));
+        Self {
+            world,
+            schedule: step_schedule(),
+            scenario,
+        }
+    }
+
+    /// The scenario.
+    pub fn scenario(&self) -> &Arc<Scenario> {
+        &self.scenario
+    }
+
+    /// Simulated time reached.
+    pub fn now(&self) -> SimDuration {
+        SimDuration(self.world.resource::<SimClock>().now)
+    }
+
+    /// Whether the run has reached its end.
+    pub fn is_finished(&self) -> bool {
+        let clock = self.world.resource::<SimClock>();
+        clock.now >= clock.end
+    }
+
+    /// Runs one step; returns false (doing nothing) once the run has ended.
+    pub fn step(&mut self) -> bool {
+        let next_edge = self.world.resource::<Storyboard>().next_time();
+        let mut clock = self.world.resource_mut::<SimClock>();
+        if clock.now >= clock.end {
+            return false;
+        }
+        let mut step_end = (clock.now + clock.tick).min(clock.end);
+        if let Some(edge) = next_edge {
+            if edge > clock.now {
+                step_end = step_end.min(edge);
+            }
+        }
+        clock.step_end = step_end;
+        self.schedule.run(&mut self.world);
+        let mut clock = self.world.resource_mut::<SimClock>();
+        clock.now = clock.step_end;
+        true
+    }
+
+    /// Runs to the end.
+    pub fn run_to_end(&mut self) {
+        while self.step() {}
+    }
+
+    /// Hands every reading recorded since the last call to `sink`, device by device in index
+    /// order, sensor by sensor, in time order.
+    pub fn drain_recording(&mut self, sink: &mut dyn FnMut(RecordedSample<'_>)) {
+        let topology = self.world.resource::<Topology>().clone();
+        let scenario = self.scenario.clone();
+        for (gi, group) in scenario.groups.iter().enumerate() {
+            let _ = gi;
+            for ordinal in 0..group.count {
+                let device = group.first_device + ordinal;
+                let mut device_id: Option<String> = None;
+                for (local, &entity) in topology.sensors_of(device).iter().enumerate() {
+                    let spec = &scenario.sensors[group.sensors.start + local];
+                    let Some(mut recorder) = self.world.get_mut::<Recorder>(entity) else {
+                        continue;
+                    };
+                    if recorder.0.is_empty() {
+                        continue;
+                    }
+                    let rows = std::mem::take(&mut recorder.0);
+                    let id = device_id.get_or_insert_with(|| group.device_id(ordinal));
+                    for row in rows.chunks_exact(1 + spec.dims) {
+                        sink(RecordedSample {
+                            timestamp: row[0],
+                            device: id,
+                            sensor: &spec.name,
+                            values: &row[1..],
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Closes open windows and builds the report. Criteria are evaluated here.
+    pub fn finish(mut self) -> Report {
+        let scenario = self.scenario.clone();
+        let topology = self.world.resource::<Topology>().clone();
+        // Per (sensor spec, channel) totals, merged in device index order.
+        let mut totals: Vec<Vec<RunStats>> = scenario
+            .sensors
+            .iter()
+            .map(|s| vec![RunStats::default(); s.dims])
+            .collect();
+        for group in &scenario.groups {
+            for ordinal in 0..group.count {
+                let device = group.first_device + ordinal;
+                for (local, &entity) in topology.sensors_of(device).iter().enumerate() {
+                    let spec_index = group.sensors.start + local;
+                    let shift = scenario.sensors[spec_index].shift;
+                    let Some(mut stats) = self.world.get_mut::<SensorStats>(entity) else {
+                        continue;
+                    };
+                    for (channel, channel_stats) in stats.channels.iter_mut().enumerate() {
+                        let window = std::mem::take(&mut channel_stats.window);
+                        channel_stats.total.merge_window(&window, shift);
+                        totals[spec_index][channel].merge(&channel_stats.total);
+                    }
+                }
+            }
+        }
+        let buffers: Vec<EdgeBuffer> = topology
+            .gateways
+            .iter()
+            .map(|&e| self.world.get::<EdgeBuffer>(e).copied().unwrap_or_default())
+            .collect();
+        let metrics = self.world.resource::<Metrics>();
+        let simulated = SimDuration(self.world.resource::<SimClock>().now);
+        Report::build(&scenario, simulated, metrics, &totals, &buffers)
+    }
+}

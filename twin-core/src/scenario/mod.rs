@@ -1,0 +1,442 @@
+//! Scenario files: a TOML description of a fleet, a storyboard of timed events and pass/fail
+//! criteria, parsed strictly and validated into a typed [`Scenario`].
+//!
+//! Loading happens in three stages, each reporting problems as `file:line:column: path: reason`:
+//! TOML syntax, the raw serde shape ([`raw`], unknown fields refused), and validation
+//! ([`validate`]: ranges, references, selectors, replay files, metric names).
+
+pub mod location;
+pub mod raw;
+mod template;
+mod validate;
+
+use std::fmt;
+use std::ops::Range;
+
+pub use template::IdTemplate;
+use thiserror::Error;
+
+use crate::criteria::Criterion;
+use crate::fault::SensorFault;
+use crate::signal::Signal;
+use crate::time::{ClockMode, SimDuration};
+use location::{FieldPath, Segment, line_column, locate};
+
+/// Reads the files a scenario refers to (replay recordings). The `twin` binary implements it
+/// with the file system, relative to the scenario's folder; tests implement it in memory.
+pub trait FileSource {
+    /// The text of `path` as written in the scenario.
+    ///
+    /// # Errors
+    /// A plain reason (`no such file`, ...).
+    fn read_to_string(&self, path: &str) -> Result<String, String>;
+}
+
+/// A [`FileSource`] that has no files.
+pub struct NoFiles;
+
+impl FileSource for NoFiles {
+    fn read_to_string(&self, path: &str) -> Result<String, String> {
+        Err(format!("cannot read `{path}`: no files are available here"))
+    }
+}
+
+/// Options of loading a scenario.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    /// Largest estimated memory a fleet may need.
+    pub max_memory_bytes: u64,
+    /// Replaces the file's master seed (seeded selectors are resolved with it).
+    pub seed: Option<u64>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            max_memory_bytes: 8 << 30,
+            seed: None,
+        }
+    }
+}
+
+/// Estimated resident bytes per device, without its sensors (measured: see BENCHMARKS.md).
+pub const ESTIMATED_BYTES_PER_DEVICE: u64 = 160;
+/// Estimated resident bytes per sensor.
+pub const ESTIMATED_BYTES_PER_SENSOR: u64 = 200;
+
+/// One problem in a scenario file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column.
+    pub column: usize,
+    /// Field path, e.g. `fleet[1].count` (empty for syntax errors).
+    pub path: String,
+    /// Plain reason.
+    pub message: String,
+}
+
+/// A scenario file that cannot be run, with every problem found.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub struct ScenarioError {
+    /// The file as the user named it.
+    pub file: String,
+    /// Problems, in file order where known.
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ScenarioError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, problem) in self.problems.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{}:{}:{}: ", self.file, problem.line, problem.column)?;
+            if !problem.path.is_empty() {
+                write!(f, "{}: ", problem.path)?;
+            }
+            f.write_str(&problem.message)?;
+        }
+        Ok(())
+    }
+}
+
+/// A problem found during validation, before it is located in the text.
+#[derive(Clone, Debug)]
+pub(crate) struct Diagnostic {
+    pub path: FieldPath,
+    pub message: String,
+}
+
+/// How a device's data leaves the edge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UploadMode {
+    /// Every reading is a message.
+    Raw,
+    /// One message per device and window with count/min/max/mean/stddev/last per channel.
+    Summary,
+}
+
+impl UploadMode {
+    /// The mode's name in scenarios and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Raw => "raw",
+            Self::Summary => "summary",
+        }
+    }
+}
+
+/// Upload settings of a device.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct UploadSpec {
+    /// Raw or summary.
+    pub mode: UploadMode,
+    /// Summary window (also the period at which statistics are folded).
+    pub window: SimDuration,
+    /// Header bytes per message.
+    pub overhead_bytes: u32,
+}
+
+/// Bytes of one channel value in a raw message.
+pub const RAW_VALUE_BYTES: u32 = 8;
+/// Bytes of one sensor's entry header in a summary (sensor id and count).
+pub const SUMMARY_SENSOR_BYTES: u32 = 8;
+/// Bytes of one channel in a summary: min, max, mean, stddev, last as f64.
+pub const SUMMARY_CHANNEL_BYTES: u32 = 40;
+
+/// The clock section.
+#[derive(Clone, Debug)]
+pub struct ClockSpec {
+    /// Pacing.
+    pub mode: ClockMode,
+    /// The date the run represents (as written), if any.
+    pub start: Option<String>,
+    /// Simulated length.
+    pub duration: SimDuration,
+    /// Longest step.
+    pub tick: SimDuration,
+}
+
+/// A gateway between devices and the cloud.
+#[derive(Clone, Debug)]
+pub struct GatewaySpec {
+    /// Name.
+    pub name: String,
+    /// Site label.
+    pub site: Option<String>,
+    /// Edge buffer capacity during partitions.
+    pub buffer_bytes: u64,
+}
+
+/// A group of identical devices.
+#[derive(Clone, Debug)]
+pub struct GroupSpec {
+    /// Name.
+    pub name: String,
+    /// Devices.
+    pub count: u32,
+    /// Device id template.
+    pub template: IdTemplate,
+    /// First index substituted into the template.
+    pub start_index: u64,
+    /// Gateway index, if the devices reach the cloud through one.
+    pub gateway: Option<u16>,
+    /// Initial upload settings.
+    pub upload: UploadSpec,
+    /// The group's sensors, as indices into [`Scenario::sensors`].
+    pub sensors: Range<usize>,
+    /// Global index of the group's first device.
+    pub first_device: u32,
+}
+
+impl GroupSpec {
+    /// The id of the group's `ordinal`-th device.
+    pub fn device_id(&self, ordinal: u32) -> String {
+        self.template
+            .render(&self.name, self.start_index + u64::from(ordinal))
+    }
+}
+
+/// A sensor on every device of a group.
+#[derive(Clone, Debug)]
+pub struct SensorSpec {
+    /// Name.
+    pub name: String,
+    /// Unit label.
+    pub unit: Option<String>,
+    /// Sampling rate (0 for replay, whose timing comes from the file).
+    pub rate_hz: f64,
+    /// What it reads.
+    pub signal: Signal,
+    /// Gaussian measurement noise.
+    pub noise: f64,
+    /// Output range.
+    pub clamp: Option<(f64, f64)>,
+    /// Quantization step.
+    pub quantize: Option<f64>,
+    /// Channels.
+    pub dims: usize,
+    /// Statistics shift (the signal's centre).
+    pub shift: f64,
+}
+
+impl SensorSpec {
+    /// Bytes of one raw message of this sensor.
+    pub fn raw_message_bytes(&self, overhead: u32) -> u32 {
+        overhead + RAW_VALUE_BYTES * self.dims as u32
+    }
+
+    /// Bytes of this sensor's entry in a summary message.
+    pub fn summary_entry_bytes(&self) -> u32 {
+        SUMMARY_SENSOR_BYTES + SUMMARY_CHANNEL_BYTES * self.dims as u32
+    }
+
+    /// Axis names of the channels (`x`, `y`, `z` for three channels).
+    pub fn channel_names(&self) -> &'static [&'static str] {
+        if self.dims == 1 {
+            &[""]
+        } else {
+            &["x", "y", "z"]
+        }
+    }
+}
+
+/// What a storyboard event does.
+#[derive(Clone, Debug)]
+pub enum Action {
+    /// A sensor fault on the targeted devices' sensor (all sensors when `sensor` is `None`).
+    SensorFault {
+        /// Sensor name.
+        sensor: Option<String>,
+        /// The fault.
+        fault: SensorFault,
+    },
+    /// Devices go offline.
+    Crash,
+    /// Devices' clocks gain an offset and a drift.
+    ClockSkew {
+        /// Offset in seconds.
+        offset_s: f64,
+        /// Drift in parts per million.
+        ppm: f64,
+    },
+    /// A gateway loses its uplink.
+    Partition,
+    /// Devices switch upload settings.
+    Upload(UploadSpec),
+}
+
+impl Action {
+    /// The action's name in scenarios and reports.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::SensorFault { fault, .. } => fault.kind(),
+            Self::Crash => "crash",
+            Self::ClockSkew { .. } => "clock_skew",
+            Self::Partition => "partition",
+            Self::Upload(_) => "upload",
+        }
+    }
+}
+
+/// Who an event acts on.
+#[derive(Clone, Debug)]
+pub enum Target {
+    /// Global device indices, ascending.
+    Devices(Vec<u32>),
+    /// One gateway.
+    Gateway(u16),
+}
+
+/// A timed storyboard event.
+#[derive(Clone, Debug)]
+pub struct EventSpec {
+    /// Position in the storyboard.
+    pub index: u32,
+    /// Start.
+    pub at: SimDuration,
+    /// End of the effect, if it ends.
+    pub until: Option<SimDuration>,
+    /// What happens.
+    pub action: Action,
+    /// To whom.
+    pub target: Target,
+}
+
+/// A validated scenario.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    /// Name.
+    pub name: String,
+    /// Description.
+    pub description: Option<String>,
+    /// Labels.
+    pub tags: Vec<String>,
+    /// Master seed.
+    pub seed: u64,
+    /// Time.
+    pub clock: ClockSpec,
+    /// Gateways.
+    pub gateways: Vec<GatewaySpec>,
+    /// Device groups.
+    pub groups: Vec<GroupSpec>,
+    /// Sensors of all groups.
+    pub sensors: Vec<SensorSpec>,
+    /// Storyboard, in file order.
+    pub events: Vec<EventSpec>,
+    /// Criteria.
+    pub criteria: Vec<Criterion>,
+}
+
+impl Scenario {
+    /// Parses and validates a scenario. `file` names the source in messages.
+    ///
+    /// # Errors
+    /// Every problem found, located by line, column and field path.
+    pub fn from_toml(
+        file: &str,
+        text: &str,
+        files: &dyn FileSource,
+        options: LoadOptions,
+    ) -> Result<Self, ScenarioError> {
+        let error = |problems| ScenarioError {
+            file: file.to_owned(),
+            problems,
+        };
+        let document = match toml::de::DeTable::parse(text) {
+            Ok(document) => document,
+            Err(err) => return Err(error(vec![toml_problem(text, &err, String::new())])),
+        };
+        let deserializer = match toml::Deserializer::parse(text) {
+            Ok(deserializer) => deserializer,
+            Err(err) => return Err(error(vec![toml_problem(text, &err, String::new())])),
+        };
+        let raw: raw::RawScenario = match serde_path_to_error::deserialize(deserializer) {
+            Ok(raw) => raw,
+            Err(err) => {
+                let path = serde_path(err.path());
+                let inner = err.into_inner();
+                let mut problem = toml_problem(text, &inner, path.to_string());
+                if inner.span().is_none() || problem.line == 1 && problem.column == 1 {
+                    if let Some(span) = locate(&document, &path) {
+                        (problem.line, problem.column) = line_column(text, span.start);
+                    }
+                }
+                return Err(error(vec![problem]));
+            }
+        };
+        validate::validate(raw, files, options).map_err(|diagnostics| {
+            let mut problems: Vec<Problem> = diagnostics
+                .into_iter()
+                .map(|d| {
+                    let (line, column) = locate(&document, &d.path)
+                        .map_or((1, 1), |span| line_column(text, span.start));
+                    Problem {
+                        line,
+                        column,
+                        path: d.path.to_string(),
+                        message: d.message,
+                    }
+                })
+                .collect();
+            problems.sort_by_key(|p| (p.line, p.column));
+            error(problems)
+        })
+    }
+
+    /// Devices in the fleet.
+    pub fn device_count(&self) -> u32 {
+        self.groups.iter().map(|g| g.count).sum()
+    }
+
+    /// Sensors in the fleet.
+    pub fn sensor_count(&self) -> u64 {
+        self.groups
+            .iter()
+            .map(|g| u64::from(g.count) * g.sensors.len() as u64)
+            .sum()
+    }
+
+    /// The group a global device index belongs to.
+    pub fn group_of(&self, device: u32) -> usize {
+        self.groups
+            .partition_point(|g| g.first_device + g.count <= device)
+    }
+
+    /// The id of a device by global index.
+    pub fn device_id(&self, device: u32) -> String {
+        let group = &self.groups[self.group_of(device)];
+        group.device_id(device - group.first_device)
+    }
+}
+
+fn toml_problem(text: &str, err: &toml::de::Error, path: String) -> Problem {
+    let (line, column) = err
+        .span()
+        .map_or((1, 1), |span| line_column(text, span.start));
+    let message = err.message().trim().replace('\n', " ");
+    Problem {
+        line,
+        column,
+        path,
+        message,
+    }
+}
+
+fn serde_path(path: &serde_path_to_error::Path) -> FieldPath {
+    let mut segments = Vec::new();
+    for segment in path.iter() {
+        match segment {
+            serde_path_to_error::Segment::Seq { index } => segments.push(Segment::Index(*index)),
+            serde_path_to_error::Segment::Map { key } => segments.push(Segment::Key(key.clone())),
+            serde_path_to_error::Segment::Enum { variant } => {
+                segments.push(Segment::Key(variant.clone()))
+            }
+            serde_path_to_error::Segment::Unknown => {}
+        }
+    }
+    FieldPath(segments)
+}

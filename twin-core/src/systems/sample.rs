@@ -1,0 +1,295 @@
+//! `sample_sensors`: every sensor produces all the readings that fall inside the step, in
+//! blocks, in parallel across sensors.
+//!
+//! A sensor's work depends only on its own state, its spec and its device's published row, so
+//! the pass is parallel and its results do not depend on the number of threads. The step is cut
+//! at the device's window boundaries (a window closes exactly on its boundary); inside a
+//! segment, readings are generated [`BLOCK`] at a time: generate, noise, faults, clamp,
+//! quantize, dropout, accumulate, each a tight loop over the block.
+
+use bevy_ecs::batching::BatchingStrategy;
+use bevy_ecs::change_detection::Mut;
+use bevy_ecs::system::{Query, Res};
+
+use crate::components::{
+    DeviceRow, DeviceTable, Recorder, Recording, ReplayCursor, ScenarioSpec, Sensor, SensorFaults,
+    SensorState, SensorStats, StepOutput,
+};
+use crate::fault;
+use crate::scenario::{SensorSpec, UploadMode};
+use crate::signal::{BLOCK, Block};
+use crate::time::{NANOS_PER_SECOND, SimClock};
+
+/// The sensors the sampling pass visits.
+pub type SensorQuery<'w, 's> = Query<
+    'w,
+    's,
+    (
+        &'static Sensor,
+        &'static mut SensorState,
+        &'static mut SensorStats,
+        Option<&'static mut SensorFaults>,
+        Option<&'static mut ReplayCursor>,
+        Option<&'static mut Recorder>,
+    ),
+>;
+
+/// Samples every sensor over the current step.
+pub fn sample_sensors(
+    clock: Res<SimClock>,
+    scenario: Res<ScenarioSpec>,
+    devices: Res<DeviceTable>,
+    recording: Res<Recording>,
+    mut sensors: SensorQuery,
+) {
+    let context = StepContext {
+        now: clock.now,
+        end: clock.step_end,
+        devices: &devices.0,
+        recording: recording.0,
+    };
+    let specs = &scenario.0.sensors;
+    sensors
+        .par_iter_mut()
+        .batching_strategy(BatchingStrategy::new().min_batch_size(512))
+        .for_each_init(
+            Block::new,
+            |block, (sensor, state, stats, faults, cursor, recorder)| {
+                let spec = &specs[sensor.spec as usize];
+                let row = &context.devices[sensor.device as usize];
+                let mut work = SensorWork {
+                    spec,
+                    row,
+                    state: state.into_inner(),
+                    stats: stats.into_inner(),
+                    faults,
+                    recorder: recorder.map(Mut::into_inner),
+                    block,
+                };
+                work.run_step(&context, cursor);
+            },
+        );
+}
+
+/// What every sensor's step shares.
+pub struct StepContext<'a> {
+    /// Step start (ns).
+    pub now: u64,
+    /// Step end (ns, exclusive).
+    pub end: u64,
+    /// Published device rows.
+    pub devices: &'a [DeviceRow],
+    /// Keep readings for the recording.
+    pub recording: bool,
+}
+
+/// The smallest sample index `k` with `k / rate >= t`.
+///
+/// Exact in integers when the sample period is a whole number of nanoseconds (1 Hz, 100 Hz,
+/// 1 kHz, 0.01 Hz...); otherwise in floating point with a relative tolerance of 1e-12, so
+/// that boundaries that are exact in decimal (3 Hz at 1 s) stay exact.
+#[inline]
+pub fn first_index_at(t_ns: u64, rate_hz: f64) -> u64 {
+    let period_ns = NANOS_PER_SECOND as f64 / rate_hz;
+    if period_ns.fract() == 0.0 && period_ns < 9.0e15 {
+        return t_ns.div_ceil(period_ns as u64);
+    }
+    let x = t_ns as f64 / NANOS_PER_SECOND as f64 * rate_hz;
+    let k = (x - x * 1e-12).ceil();
+    if k <= 0.0 { 0 } else { k as u64 }
+}
+
+struct SensorWork<'a> {
+    spec: &'a SensorSpec,
+    row: &'a DeviceRow,
+    state: &'a mut SensorState,
+    stats: &'a mut SensorStats,
+    faults: Option<Mut<'a, SensorFaults>>,
+    recorder: Option<&'a mut Recorder>,
+    block: &'a mut Block,
+}
+
+impl SensorWork<'_> {
+    fn run_step(&mut self, context: &StepContext<'_>, mut cursor: Option<Mut<'_, ReplayCursor>>) {
+        self.state.step = StepOutput {
+            newest: f64::NEG_INFINITY,
+            ..StepOutput::default()
+        };
+        let window = self.row.window.max(1);
+        let mut segment_start = context.now;
+        while segment_start < context.end {
+            let boundary = (segment_start / window + 1) * window;
+            let segment_end = boundary.min(context.end);
+            match cursor.as_deref_mut() {
+                Some(cursor) => self.replay_segment(cursor, segment_start, segment_end),
+                None => self.periodic_segment(segment_end),
+            }
+            if segment_end == boundary {
+                self.close_window();
+            }
+            segment_start = segment_end;
+        }
+    }
+
+    fn periodic_segment(&mut self, segment_end: u64) {
+        let rate = self.spec.rate_hz;
+        let end_index = first_index_at(segment_end, rate);
+        if !self.row.online {
+            self.state.next_index = self.state.next_index.max(end_index);
+            return;
+        }
+        while self.state.next_index < end_index {
+            let first = self.state.next_index;
+            let n = ((end_index - first) as usize).min(BLOCK);
+            self.spec.signal.generate(
+                &mut self.state.level,
+                &mut self.state.stream,
+                first,
+                self.block,
+                n,
+            );
+            let mut times = [0.0; BLOCK];
+            let needs_times = self.faults.is_some() || self.recorder.is_some();
+            if needs_times {
+                for (i, t) in times[..n].iter_mut().enumerate() {
+                    *t = (first + i as u64) as f64 / rate;
+                }
+            } else {
+                times[n - 1] = (first + n as u64 - 1) as f64 / rate;
+            }
+            self.finish_block(n, &mut times);
+            self.state.next_index = first + n as u64;
+        }
+    }
+
+    fn replay_segment(&mut self, cursor: &mut ReplayCursor, segment_start: u64, segment_end: u64) {
+        let start_s = segment_start as f64 / NANOS_PER_SECOND as f64;
+        let end_s = segment_end as f64 / NANOS_PER_SECOND as f64;
+        let dims = self.spec.dims;
+        let series = cursor.series.clone();
+        let looping = matches!(&self.spec.signal, crate::signal::Signal::Replay(r) if r.looping);
+        loop {
+            let mut n = 0;
+            let mut times = [0.0; BLOCK];
+            while n < BLOCK {
+                if cursor.row >= series.times.len() {
+                    if !looping || series.period <= 0.0 {
+                        break;
+                    }
+                    cursor.row = 0;
+                    cursor.pass += 1;
+                }
+                let t = series.times[cursor.row] + cursor.pass as f64 * series.period;
+                if t >= end_s {
+                    break;
+                }
+                if t >= start_s && self.row.online {
+                    for channel in 0..dims {
+                        self.block.values[channel][n] = series.values[cursor.row * dims + channel];
+                    }
+                    times[n] = t;
+                    n += 1;
+                }
+                cursor.row += 1;
+            }
+            if n == 0 {
+                return;
+            }
+            self.finish_block(n, &mut times);
+            if n < BLOCK {
+                return;
+            }
+        }
+    }
+
+    /// Noise, faults, clamp, quantization, dropout, accumulation and recording of `n` readings.
+    fn finish_block(&mut self, n: usize, times: &mut [f64; BLOCK]) {
+        let spec = self.spec;
+        let dims = spec.dims;
+        if spec.noise > 0.0 {
+            for channel in self.block.values.iter_mut().take(dims) {
+                let noise = &mut self.block.scratch[..n];
+                self.state.stream.fill_normal(noise);
+                for (v, z) in channel[..n].iter_mut().zip(noise.iter()) {
+                    *v += spec.noise * z;
+                }
+            }
+        }
+        if let Some(faults) = self.faults.as_deref_mut() {
+            fault::apply_values(&mut faults.0, self.block, dims, n, times);
+        }
+        if let Some((low, high)) = spec.clamp {
+            for channel in self.block.values.iter_mut().take(dims) {
+                for v in channel[..n].iter_mut() {
+                    *v = if *v < low {
+                        low
+                    } else if *v > high {
+                        high
+                    } else {
+                        *v
+                    };
+                }
+            }
+        }
+        if let Some(step) = spec.quantize {
+            for channel in self.block.values.iter_mut().take(dims) {
+                for v in channel[..n].iter_mut() {
+                    *v = (*v / step).round() * step;
+                }
+            }
+        }
+        let kept = match self.faults.as_deref_mut() {
+            Some(faults) => fault::apply_dropout(&mut faults.0, self.block, dims, n, times),
+            None => n,
+        };
+        if kept == 0 {
+            return;
+        }
+        for (channel, stats) in self.stats.channels.iter_mut().enumerate() {
+            let values = &self.block.values[channel][..kept];
+            stats.window.add_block(values, spec.shift);
+            stats.last = values[kept - 1];
+        }
+        let step = &mut self.state.step;
+        step.samples += kept as u32;
+        step.newest = times[kept - 1];
+        if self.row.mode == UploadMode::Raw {
+            step.raw_messages += kept as u32;
+            step.raw_bytes +=
+                kept as u64 * u64::from(spec.raw_message_bytes(self.row.overhead_bytes));
+        }
+        if let Some(recorder) = self.recorder.as_deref_mut() {
+            for i in 0..kept {
+                recorder.0.push(self.row.skew.device_time(times[i]));
+                for channel in 0..dims {
+                    recorder.0.push(self.block.values[channel][i]);
+                }
+            }
+        }
+    }
+
+    fn close_window(&mut self) {
+        let shift = self.spec.shift;
+        for channel in &mut self.stats.channels {
+            channel.total.merge_window(&channel.window, shift);
+            channel.window = Default::default();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_index_at;
+
+    #[test]
+    fn index_boundaries() {
+        assert_eq!(first_index_at(0, 1.0), 0);
+        assert_eq!(first_index_at(1_000_000_000, 1.0), 1);
+        assert_eq!(first_index_at(1_000_000_001, 1.0), 2);
+        assert_eq!(first_index_at(1_000_000_000, 3.0), 3);
+        assert_eq!(first_index_at(100_000_000_000, 0.01), 1);
+        assert_eq!(first_index_at(60_000_000_000, 1000.0), 60_000);
+        assert_eq!(first_index_at(1_000_000_001, 3.0), 4);
+        assert_eq!(first_index_at(3_600_000_000_000, 7.0), 25_200);
+    }
+}
