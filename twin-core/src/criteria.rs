@@ -131,11 +131,7 @@ mod tests {
 
     #[test]
     fn checks_and_ratio() {
-        let metrics = BTreeMap::from([
-            ("a".to_owned(), 5.0),
-            ("b".to_owned(), 100.0),
-            ("zero".to_owned(), 0.0),
-        ]);
+        let metrics = BTreeMap::from([("a".to_owned(), 5.0), ("b".to_owned(), 100.0), ("zero".to_owned(), 0.0)]);
         let c = Criterion {
             name: "r".into(),
             metric: "a".into(),

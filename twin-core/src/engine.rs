@@ -12,9 +12,8 @@ use bevy_ecs::world::World;
 use bevy_tasks::{ComputeTaskPool, TaskPoolBuilder};
 
 use crate::components::{
-    ChannelStats, ClockSkew, Device, DeviceRow, DeviceTable, EdgeBuffer, Gateway, Power, Recorder,
-    Recording, ReplayCursor, ScenarioSpec, Sensor, SensorState, SensorStats, StepOutput, Topology,
-    Uplink,
+    ChannelStats, ClockSkew, Device, DeviceRow, DeviceTable, EdgeBuffer, Gateway, Power, Recorder, Recording,
+    ReplayCursor, ScenarioSpec, Sensor, SensorState, SensorStats, StepOutput, Topology, Uplink,
 };
 use crate::metrics::{GatewayMetrics, GroupMetrics, Metrics};
 use crate::replay::series_key;
@@ -75,9 +74,7 @@ impl Simulation {
         for (index, gateway) in scenario.gateways.iter().enumerate() {
             let entity = world
                 .spawn((
-                    Gateway {
-                        index: index as u16,
-                    },
+                    Gateway { index: index as u16 },
                     EdgeBuffer {
                         capacity_bytes: gateway.buffer_bytes,
                         ..Default::default()
@@ -89,19 +86,12 @@ impl Simulation {
         let devices = scenario.device_count() as usize;
         topology.devices.reserve_exact(devices);
         topology.sensor_start.reserve_exact(devices + 1);
-        topology
-            .sensors
-            .reserve_exact(scenario.sensor_count() as usize);
+        topology.sensors.reserve_exact(scenario.sensor_count() as usize);
         let mut rows = Vec::with_capacity(devices);
         let mut summary_entry_bytes = Vec::with_capacity(scenario.groups.len());
         for (group_index, group) in scenario.groups.iter().enumerate() {
             let specs = &scenario.sensors[group.sensors.clone()];
-            summary_entry_bytes.push(
-                specs
-                    .iter()
-                    .map(|s| u64::from(s.summary_entry_bytes()))
-                    .sum(),
-            );
+            summary_entry_bytes.push(specs.iter().map(|s| u64::from(s.summary_entry_bytes())).sum());
             for ordinal in 0..group.count {
                 let index = group.first_device + ordinal;
                 let device_id = group.device_id(ordinal);

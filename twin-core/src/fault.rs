@@ -76,14 +76,9 @@ pub struct ActiveFault {
 }
 
 /// Applies the value-changing faults to `n` readings of `dims` channels whose simulated times
-/// are `times[..n]`.
-pub fn apply_values(
-    faults: &mut [ActiveFault],
-    block: &mut Block,
-    dims: usize,
-    n: usize,
-    times: &[f64],
-) {
+/// are `block.times[..n]`.
+pub fn apply_values(faults: &mut [ActiveFault], block: &mut Block, dims: usize, n: usize) {
+    let times = block.times;
     for active in faults.iter_mut() {
         match active.fault {
             SensorFault::Noise { std_dev } => {
@@ -102,10 +97,7 @@ pub fn apply_values(
                     }
                 }
             }
-            SensorFault::Spikes {
-                probability,
-                magnitude,
-            } => {
+            SensorFault::Spikes { probability, magnitude } => {
                 for channel in block.values.iter_mut().take(dims) {
                     for v in channel[..n].iter_mut() {
                         let bits = active.stream.next_u64();
@@ -139,14 +131,8 @@ pub fn apply_values(
     }
 }
 
-/// Removes dropped readings, compacting `block` and `times`; returns how many remain.
-pub fn apply_dropout(
-    faults: &mut [ActiveFault],
-    block: &mut Block,
-    dims: usize,
-    n: usize,
-    times: &mut [f64],
-) -> usize {
+/// Removes dropped readings, compacting the block's values and times; returns how many remain.
+pub fn apply_dropout(faults: &mut [ActiveFault], block: &mut Block, dims: usize, n: usize) -> usize {
     let mut kept = n;
     for active in faults.iter_mut() {
         let SensorFault::Dropout { probability } = active.fault else {
@@ -159,7 +145,7 @@ pub fn apply_dropout(
                 for channel in block.values.iter_mut().take(dims) {
                     channel[write] = channel[read];
                 }
-                times[write] = times[read];
+                block.times[write] = block.times[read];
                 write += 1;
             }
         }
@@ -186,14 +172,8 @@ mod tests {
     fn drift_is_linear_in_time_since_start() {
         let mut block = Block::new();
         block.values[0][..4].fill(1.0);
-        let times = [10.0, 11.0, 12.0, 20.0];
-        apply_values(
-            &mut [active(SensorFault::Drift { per_second: 0.5 })],
-            &mut block,
-            1,
-            4,
-            &times,
-        );
+        block.times[..4].copy_from_slice(&[10.0, 11.0, 12.0, 20.0]);
+        apply_values(&mut [active(SensorFault::Drift { per_second: 0.5 })], &mut block, 1, 4);
         assert_eq!(&block.values[0][..4], &[1.0, 1.5, 2.0, 6.0]);
     }
 
@@ -203,29 +183,14 @@ mod tests {
         for (i, v) in block.values[0][..100].iter_mut().enumerate() {
             *v = i as f64;
         }
-        let times = [0.0; 256];
         apply_values(
-            &mut [active(SensorFault::Saturation {
-                low: 10.0,
-                high: 20.0,
-            })],
+            &mut [active(SensorFault::Saturation { low: 10.0, high: 20.0 })],
             &mut block,
             1,
             100,
-            &times,
         );
-        assert!(
-            block.values[0][..100]
-                .iter()
-                .all(|v| (10.0..=20.0).contains(v))
-        );
-        apply_values(
-            &mut [active(SensorFault::Stuck { value: None })],
-            &mut block,
-            1,
-            100,
-            &times,
-        );
+        assert!(block.values[0][..100].iter().all(|v| (10.0..=20.0).contains(v)));
+        apply_values(&mut [active(SensorFault::Stuck { value: None })], &mut block, 1, 100);
         assert!(block.values[0][..100].iter().all(|v| *v == 3.0));
         block.values[0].fill(0.0);
         apply_values(
@@ -236,40 +201,33 @@ mod tests {
             &mut block,
             1,
             256,
-            &times,
         );
         let spikes = block.values[0].iter().filter(|v| v.abs() == 50.0).count();
-        assert!(
-            (10..=45).contains(&spikes),
-            "{spikes} spikes in 256 readings at p=0.1"
-        );
+        assert!((10..=45).contains(&spikes), "{spikes} spikes in 256 readings at p=0.1");
     }
 
     #[test]
     fn dropout_removes_the_expected_share() {
         let mut block = Block::new();
-        let mut times = [0.0; 256];
         for i in 0..256 {
             block.values[0][i] = i as f64;
-            times[i] = i as f64;
+            block.times[i] = i as f64;
         }
         let kept = apply_dropout(
             &mut [active(SensorFault::Dropout { probability: 0.5 })],
             &mut block,
             1,
             256,
-            &mut times,
         );
         assert!((96..=160).contains(&kept), "{kept}");
         // Survivors keep their order and their timestamps.
         assert!(block.values[0][..kept].windows(2).all(|w| w[0] < w[1]));
-        assert_eq!(&block.values[0][..kept], &times[..kept]);
+        assert_eq!(&block.values[0][..kept], &block.times[..kept]);
         let all = apply_dropout(
             &mut [active(SensorFault::Dropout { probability: 1.0 })],
             &mut block,
             1,
             kept,
-            &mut times,
         );
         assert_eq!(all, 0);
     }

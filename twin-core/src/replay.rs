@@ -174,11 +174,7 @@ pub fn parse(spec: &ReplaySpec, text: &str) -> Result<(ReplayTable, usize), Repl
     Ok((table, dims))
 }
 
-fn build_series(
-    spec: &ReplaySpec,
-    rows: &[RawRow],
-    dims: usize,
-) -> Result<ReplaySeries, ReplayError> {
+fn build_series(spec: &ReplaySpec, rows: &[RawRow], dims: usize) -> Result<ReplaySeries, ReplayError> {
     let origin = match spec.origin {
         Origin::FirstRow => rows[0].time,
         Origin::At(t) => t,
@@ -190,10 +186,7 @@ fn build_series(
             return Err(ReplayError::Row {
                 file: spec.file.clone(),
                 line: row.line,
-                reason: format!(
-                    "timestamp {} goes backwards (previous {previous_time})",
-                    row.time
-                ),
+                reason: format!("timestamp {} goes backwards (previous {previous_time})", row.time),
             });
         }
         previous_time = row.time;
@@ -238,11 +231,7 @@ fn parse_csv(spec: &ReplaySpec, text: &str) -> Result<Vec<RawRow>, ReplayError> 
         })
     };
     let time_index = find(&spec.timestamp)?;
-    let value_indices = spec
-        .columns
-        .iter()
-        .map(|c| find(c))
-        .collect::<Result<Vec<_>, _>>()?;
+    let value_indices = spec.columns.iter().map(|c| find(c)).collect::<Result<Vec<_>, _>>()?;
     let filter_indices = spec
         .filter
         .iter()
@@ -304,13 +293,9 @@ fn parse_jsonl(spec: &ReplaySpec, text: &str) -> Result<Vec<RawRow>, ReplayError
             line,
             reason,
         };
-        let object: serde_json::Map<String, serde_json::Value> = serde_json::from_str(line_text)
-            .map_err(|err| row_error(format!("not a JSON object: {err}")))?;
-        let field = |name: &str| {
-            object
-                .get(name)
-                .ok_or_else(|| row_error(format!("no field `{name}`")))
-        };
+        let object: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(line_text).map_err(|err| row_error(format!("not a JSON object: {err}")))?;
+        let field = |name: &str| object.get(name).ok_or_else(|| row_error(format!("no field `{name}`")));
         let time = match field(&spec.timestamp)? {
             serde_json::Value::Number(n) => n
                 .as_f64()
@@ -326,31 +311,28 @@ fn parse_jsonl(spec: &ReplaySpec, text: &str) -> Result<Vec<RawRow>, ReplayError
         let mut values = Vec::with_capacity(spec.columns.len());
         for column in &spec.columns {
             match field(column)? {
-                serde_json::Value::Number(n) => values.push(n.as_f64().ok_or_else(|| {
-                    row_error(format!("column `{column}`: `{n}` is not a number"))
-                })?),
+                serde_json::Value::Number(n) => values.push(
+                    n.as_f64()
+                        .ok_or_else(|| row_error(format!("column `{column}`: `{n}` is not a number")))?,
+                ),
                 serde_json::Value::Array(items) if spec.columns.len() == 1 => {
                     for item in items {
-                        values.push(item.as_f64().ok_or_else(|| {
-                            row_error(format!("column `{column}`: `{item}` is not a number"))
-                        })?);
+                        values.push(
+                            item.as_f64()
+                                .ok_or_else(|| row_error(format!("column `{column}`: `{item}` is not a number")))?,
+                        );
                     }
                 }
                 other => {
-                    return Err(row_error(format!(
-                        "column `{column}`: `{other}` is not a number"
-                    )));
+                    return Err(row_error(format!("column `{column}`: `{other}` is not a number")));
                 }
             }
         }
         let mut filter_values = Vec::with_capacity(spec.filter.len());
         for (column, _) in &spec.filter {
             let value = field(column)?;
-            filter_values.push(
-                json_text(value).ok_or_else(|| {
-                    row_error(format!("column `{column}`: `{value}` is not text"))
-                })?,
-            );
+            filter_values
+                .push(json_text(value).ok_or_else(|| row_error(format!("column `{column}`: `{value}` is not text")))?);
         }
         let key = series_key(filter_values.iter().map(String::as_str));
         rows.push(RawRow {
@@ -386,11 +368,8 @@ mod tests {
     #[test]
     fn csv_groups_maps_time_and_names_bad_lines() {
         let text = "timestamp,device,value\n10,a,1.5\n11,a,2.5\n12,a,3.5\n10,b,7\n";
-        let (table, dims) = parse(
-            &spec(ReplayFormat::Csv, vec![("device".into(), "{id}".into())]),
-            text,
-        )
-        .expect("parses");
+        let (table, dims) =
+            parse(&spec(ReplayFormat::Csv, vec![("device".into(), "{id}".into())]), text).expect("parses");
         assert_eq!(dims, 1);
         let a = &table.series["a"];
         // start_offset 1 s skips the first row; speed 2 halves the gaps.
@@ -398,10 +377,7 @@ mod tests {
         assert_eq!(a.values, vec![2.5, 3.5]);
         let bad = "timestamp,device,value\n10,a,1.5\n11,a,oops\n";
         let err = parse(&spec(ReplayFormat::Csv, vec![]), bad).expect_err("malformed");
-        assert_eq!(
-            err.to_string(),
-            "rec.data:3: column `value`: `oops` is not a number"
-        );
+        assert_eq!(err.to_string(), "rec.data:3: column `value`: `oops` is not a number");
     }
 
     #[test]

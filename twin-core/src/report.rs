@@ -290,9 +290,7 @@ impl Report {
                     report.scalar = Some(ChannelReport::from_stats(&totals[0]));
                 } else {
                     for (name, stats) in spec.channel_names().iter().zip(&totals) {
-                        report
-                            .axes
-                            .insert((*name).to_owned(), ChannelReport::from_stats(stats));
+                        report.axes.insert((*name).to_owned(), ChannelReport::from_stats(stats));
                     }
                 }
                 sensors.insert(spec.name.clone(), report);
@@ -330,8 +328,7 @@ impl Report {
                 bytes: buffer.backlog_bytes,
             };
             partition.buffered = add_volume(partition.buffered, m.buffered.into());
-            partition.backlog_delivered =
-                add_volume(partition.backlog_delivered, m.backlog_delivered.into());
+            partition.backlog_delivered = add_volume(partition.backlog_delivered, m.backlog_delivered.into());
             partition.backlog_remaining = add_volume(partition.backlog_remaining, remaining);
             partition.lost = add_volume(partition.lost, m.lost.into());
             partition.peak_backlog_bytes = partition.peak_backlog_bytes.max(m.peak_backlog_bytes);
@@ -348,8 +345,7 @@ impl Report {
             );
         }
         let total_device_seconds = f64::from(scenario.device_count()) * seconds;
-        let mut faults: BTreeMap<String, u64> =
-            FAULT_KINDS.iter().map(|k| ((*k).to_owned(), 0)).collect();
+        let mut faults: BTreeMap<String, u64> = FAULT_KINDS.iter().map(|k| ((*k).to_owned(), 0)).collect();
         for (kind, count) in &metrics.fault_activations {
             *faults.entry((*kind).to_owned()).or_default() += count;
         }
@@ -402,11 +398,7 @@ impl Report {
             passed: true,
         };
         let values = report.metrics();
-        report.criteria = scenario
-            .criteria
-            .iter()
-            .map(|c| c.evaluate(&values))
-            .collect();
+        report.criteria = scenario.criteria.iter().map(|c| c.evaluate(&values)).collect();
         report.passed = report.criteria.iter().all(|v| v.passed);
         report
     }
@@ -469,13 +461,7 @@ pub fn metric_names(scenario: &Scenario) -> std::collections::BTreeSet<String> {
     let buffers = vec![EdgeBuffer::default(); scenario.gateways.len()];
     let mut skeleton_scenario = scenario.clone();
     skeleton_scenario.criteria.clear();
-    let report = Report::build(
-        &skeleton_scenario,
-        scenario.clock.duration,
-        &metrics,
-        &totals,
-        &buffers,
-    );
+    let report = Report::build(&skeleton_scenario, scenario.clock.duration, &metrics, &totals, &buffers);
     let mut names: std::collections::BTreeSet<String> = report.metrics().into_keys().collect();
     // Statistics are null in a skeleton with no readings; the real report has numbers there.
     for (gi, group) in scenario.groups.iter().enumerate() {
@@ -483,10 +469,7 @@ pub fn metric_names(scenario: &Scenario) -> std::collections::BTreeSet<String> {
         for spec in &scenario.sensors[group.sensors.clone()] {
             for stat in ["mean", "std_dev", "min", "max"] {
                 if spec.dims == 1 {
-                    names.insert(format!(
-                        "groups.{}.sensors.{}.{stat}",
-                        group.name, spec.name
-                    ));
+                    names.insert(format!("groups.{}.sensors.{}.{stat}", group.name, spec.name));
                 } else {
                     for axis in spec.channel_names() {
                         names.insert(format!(
@@ -528,12 +511,7 @@ fn add_edge(total: &mut EdgeReport, group: &EdgeReport) {
     total.delivered = add_volume(total.delivered, group.delivered);
 }
 
-fn gateway_report(
-    m: &GatewayMetrics,
-    devices: u64,
-    buffer_bytes: u64,
-    remaining: VolumeReport,
-) -> GatewayReport {
+fn gateway_report(m: &GatewayMetrics, devices: u64, buffer_bytes: u64, remaining: VolumeReport) -> GatewayReport {
     GatewayReport {
         devices,
         buffer_bytes,

@@ -3,10 +3,10 @@
 //! Nothing here depends on spawn order, iteration order or threads: a sensor's stream is a pure
 //! function of the scenario seed, its device id, its own name and the purpose of the stream. The
 //! derivation (FNV-1a over the key bytes, then SplitMix64 seeding) and the generator
-//! (xoshiro128++, from `rand_xoshiro`, whose output sequence is fixed by its reference
+//! (xoshiro256++, from `rand_xoshiro`, whose output sequence is fixed by its reference
 //! implementation) are part of the file format: changing either changes every recording.
 
-use rand_xoshiro::Xoshiro128PlusPlus;
+use rand_xoshiro::Xoshiro256PlusPlus;
 use rand_xoshiro::rand_core::{Rng, SeedableRng};
 
 use crate::normal;
@@ -38,10 +38,10 @@ pub fn mix(seed: u64, key: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// One seeded random stream (16 bytes of state).
+/// One seeded random stream (32 bytes of state).
 #[derive(Clone, Debug)]
 pub struct Stream {
-    rng: Xoshiro128PlusPlus,
+    rng: Xoshiro256PlusPlus,
 }
 
 impl Stream {
@@ -53,7 +53,7 @@ impl Stream {
     /// A stream from an already mixed 64-bit seed.
     pub fn from_seed_u64(seed: u64) -> Self {
         Self {
-            rng: Xoshiro128PlusPlus::seed_from_u64(seed),
+            rng: Xoshiro256PlusPlus::seed_from_u64(seed),
         }
     }
 
@@ -82,10 +82,16 @@ impl Stream {
         normal::from_bits(bits, self)
     }
 
-    /// Fills `out` with standard normal variates.
+    /// Fills `out` with standard normal variates, two from each 64 random bits.
     #[inline]
     pub fn fill_normal(&mut self, out: &mut [f64]) {
-        for value in out.iter_mut() {
+        let mut pairs = out.chunks_exact_mut(2);
+        for pair in &mut pairs {
+            let bits = self.next_u64();
+            pair[0] = normal::from_bits(bits as u32, self);
+            pair[1] = normal::from_bits((bits >> 32) as u32, self);
+        }
+        for value in pairs.into_remainder() {
             let bits = self.next_u32();
             *value = normal::from_bits(bits, self);
         }
@@ -107,10 +113,7 @@ mod tests {
     #[test]
     fn keys_separate_parts() {
         assert_ne!(stable_key(&["ab", "c"]), stable_key(&["a", "bc"]));
-        assert_eq!(
-            stable_key(&["pump-1", "temp"]),
-            stable_key(&["pump-1", "temp"])
-        );
+        assert_eq!(stable_key(&["pump-1", "temp"]), stable_key(&["pump-1", "temp"]));
     }
 
     #[test]

@@ -24,6 +24,8 @@ pub struct Block {
     pub values: [[f64; BLOCK]; MAX_DIMS],
     /// Scratch space for random variates.
     pub scratch: [f64; BLOCK],
+    /// Simulated time of each reading (filled only where needed: faults, recording, replay).
+    pub times: [f64; BLOCK],
 }
 
 impl Block {
@@ -32,6 +34,7 @@ impl Block {
         Box::new(Self {
             values: [[0.0; BLOCK]; MAX_DIMS],
             scratch: [0.0; BLOCK],
+            times: [0.0; BLOCK],
         })
     }
 }
@@ -46,8 +49,7 @@ pub struct RotationTable {
 impl RotationTable {
     /// The table for a phase step of `step` radians per sample.
     pub fn new(step: f64) -> Self {
-        let (sin, cos): (Vec<f64>, Vec<f64>) =
-            (0..BLOCK).map(|i| libm::sincos(step * i as f64)).unzip();
+        let (sin, cos): (Vec<f64>, Vec<f64>) = (0..BLOCK).map(|i| libm::sincos(step * i as f64)).unzip();
         Self {
             cos: cos.into_boxed_slice(),
             sin: sin.into_boxed_slice(),
@@ -255,14 +257,7 @@ impl Signal {
     /// `level` is the generator's state (walk position, OU value, Markov state index).
     /// Replay signals are not generated here (their values come from their series).
     #[inline]
-    pub fn generate(
-        &self,
-        level: &mut f64,
-        stream: &mut Stream,
-        first: u64,
-        block: &mut Block,
-        n: usize,
-    ) {
+    pub fn generate(&self, level: &mut f64, stream: &mut Stream, first: u64, block: &mut Block, n: usize) {
         let out = &mut block.values[0][..n];
         match self {
             Self::Constant { value } => out.fill(*value),
@@ -286,20 +281,10 @@ impl Signal {
                 }
             }
             Self::RandomWalk {
-                step_std_dev,
-                min,
-                max,
-                ..
+                step_std_dev, min, max, ..
             } => {
                 stream.fill_normal(out);
-                let mut x = *level;
-                for v in out.iter_mut() {
-                    x += step_std_dev * *v;
-                    x = if x < *min { *min } else { x };
-                    x = if x > *max { *max } else { x };
-                    *v = x;
-                }
-                *level = x;
+                *level = random_walk(out, *level, *step_std_dev, *min, *max);
             }
             Self::OrnsteinUhlenbeck {
                 mean,
@@ -336,12 +321,7 @@ impl Signal {
             Self::Vibration(vibration) => {
                 let magnitude = &mut block.scratch[..n];
                 magnitude.fill(0.0);
-                for (h, ((amplitude, phase), table)) in vibration
-                    .harmonics
-                    .iter()
-                    .zip(&vibration.tables)
-                    .enumerate()
-                {
+                for (h, ((amplitude, phase), table)) in vibration.harmonics.iter().zip(&vibration.tables).enumerate() {
                     let per_harmonic = vibration.samples_per_revolution / (h + 1) as f64;
                     let theta0 = phase_at(first, per_harmonic, *phase);
                     table.sine_into(theta0, *amplitude, magnitude, true);
@@ -369,9 +349,65 @@ impl Signal {
     }
 }
 
+/// Turns standard normal draws in `steps` into a walk from `start` held inside `[min, max]`,
+/// in place; returns the last position.
+///
+/// The bounds rarely bind, so the block is first summed without them: a chain of one add per
+/// sample instead of add, max and min. Where no partial sum leaves the bounds the result is
+/// bit-identical to clamping at every step (no clamp changed anything); otherwise the block is
+/// redone with the clamps, from the same draws.
+#[inline]
+fn random_walk(steps: &mut [f64], start: f64, step_std_dev: f64, min: f64, max: f64) -> f64 {
+    let draws = steps;
+    let mut x = start;
+    let mut low = start;
+    let mut high = start;
+    let mut scaled = [0.0; BLOCK];
+    let scaled = &mut scaled[..draws.len()];
+    for (s, d) in scaled.iter_mut().zip(draws.iter()) {
+        *s = step_std_dev * d;
+    }
+    for (v, s) in draws.iter_mut().zip(scaled.iter()) {
+        x += s;
+        *v = x;
+    }
+    for v in draws.iter() {
+        low = if *v < low { *v } else { low };
+        high = if *v > high { *v } else { high };
+    }
+    if low >= min && high <= max {
+        return x;
+    }
+    let mut x = start;
+    for (v, s) in draws.iter_mut().zip(scaled.iter()) {
+        x += s;
+        x = if x < min { min } else { x };
+        x = if x > max { max } else { x };
+        *v = x;
+    }
+    x
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn walk_fast_path_equals_clamping_every_step() {
+        let mut stream = Stream::derive(9, &["walk"]);
+        for (min, max) in [(f64::NEG_INFINITY, f64::INFINITY), (-3.0, 3.0), (-0.5, 0.5)] {
+            let mut draws = [0.0; BLOCK];
+            stream.fill_normal(&mut draws);
+            let mut fast = draws;
+            let end = random_walk(&mut fast, 0.2, 0.3, min, max);
+            let mut x: f64 = 0.2;
+            for (i, d) in draws.iter().enumerate() {
+                x = (x + 0.3 * d).max(min).min(max);
+                assert_eq!(fast[i].to_bits(), x.to_bits(), "bounds [{min}, {max}], step {i}");
+            }
+            assert_eq!(end.to_bits(), x.to_bits());
+        }
+    }
 
     fn run(signal: &Signal, n_blocks: usize, n: usize) -> Vec<f64> {
         let mut block = Block::new();
@@ -387,10 +423,7 @@ mod tests {
 
     fn mean_var(xs: &[f64]) -> (f64, f64) {
         let m = xs.iter().sum::<f64>() / xs.len() as f64;
-        (
-            m,
-            xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / xs.len() as f64,
-        )
+        (m, xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / xs.len() as f64)
     }
 
     #[test]
@@ -430,14 +463,7 @@ mod tests {
 
     #[test]
     fn uniform_range_and_moments() {
-        let values = run(
-            &Signal::Uniform {
-                low: -1.0,
-                width: 4.0,
-            },
-            400,
-            250,
-        );
+        let values = run(&Signal::Uniform { low: -1.0, width: 4.0 }, 400, 250);
         assert!(values.iter().all(|v| (-1.0..3.0).contains(v)));
         let (m, v) = mean_var(&values);
         assert!((m - 1.0).abs() < 0.02, "{m}");
@@ -496,16 +522,8 @@ mod tests {
         assert!((v - 1.0).abs() < 0.1, "stationary variance {v}");
         // Lag-1 autocorrelation equals the decay factor.
         let tail = &values[2000..];
-        let c: f64 = tail
-            .windows(2)
-            .map(|w| (w[0] - m) * (w[1] - m))
-            .sum::<f64>()
-            / (tail.len() - 1) as f64;
-        assert!(
-            (c / v - decay).abs() < 0.01,
-            "autocorrelation {} vs {decay}",
-            c / v
-        );
+        let c: f64 = tail.windows(2).map(|w| (w[0] - m) * (w[1] - m)).sum::<f64>() / (tail.len() - 1) as f64;
+        assert!((c / v - decay).abs() < 0.01, "autocorrelation {} vs {decay}", c / v);
     }
 
     #[test]
@@ -541,10 +559,7 @@ mod tests {
         signal.generate(&mut level, &mut stream, 0, &mut block, 200);
         let mean_y = block.values[1][..200].iter().sum::<f64>() / 200.0;
         let mean_z = block.values[2][..200].iter().sum::<f64>() / 200.0;
-        assert!(
-            (mean_y.abs() - 9.80665).abs() < 1e-9,
-            "gravity on y: {mean_y}"
-        );
+        assert!((mean_y.abs() - 9.80665).abs() < 1e-9, "gravity on y: {mean_y}");
         assert!(mean_z.abs() < 1e-9, "z {mean_z}");
         // x carries the vibration: at t = 1/100 s (sample 10), 1x is at 90 degrees, 2x at 180.
         let x10 = block.values[0][10];

@@ -204,9 +204,7 @@ mod tests {
 
     #[test]
     fn window_matches_direct_computation() {
-        let values: Vec<f64> = (0..103)
-            .map(|i| 20.0 + ((i * 37) % 11) as f64 * 0.1)
-            .collect();
+        let values: Vec<f64> = (0..103).map(|i| 20.0 + ((i * 37) % 11) as f64 * 0.1).collect();
         let mut acc = WindowAcc::default();
         acc.add_block(&values[..50], 20.0);
         acc.add_block(&values[50..], 20.0);
@@ -223,9 +221,7 @@ mod tests {
 
     #[test]
     fn chan_merge_matches_whole() {
-        let values: Vec<f64> = (0..1000)
-            .map(|i| (i as f64 * 0.37).sin() * 3.0 + 5.0)
-            .collect();
+        let values: Vec<f64> = (0..1000).map(|i| (i as f64 * 0.37).sin() * 3.0 + 5.0).collect();
         let mut run = RunStats::default();
         for chunk in values.chunks(77) {
             let mut w = WindowAcc::default();

@@ -81,9 +81,7 @@ impl<'de> Deserialize<'de> for SimDuration {
         impl Visitor<'_> for DurationVisitor {
             type Value = SimDuration;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(
-                    "a duration: a number of seconds or a string like \"90s\" or \"1h 30m\"",
-                )
+                f.write_str("a duration: a number of seconds or a string like \"90s\" or \"1h 30m\"")
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<SimDuration, E> {
                 SimDuration::from_secs_f64(v as f64).map_err(E::custom)
@@ -167,10 +165,7 @@ mod tests {
     #[test]
     fn parses_forms() {
         assert_eq!(SimDuration::parse("90s"), Ok(SimDuration::from_secs(90)));
-        assert_eq!(
-            SimDuration::parse("1h 30m"),
-            Ok(SimDuration::from_secs(5400))
-        );
+        assert_eq!(SimDuration::parse("1h 30m"), Ok(SimDuration::from_secs(5400)));
         assert_eq!(SimDuration::parse("250ms"), Ok(SimDuration(250_000_000)));
         assert_eq!(SimDuration::parse("2.5"), Ok(SimDuration(2_500_000_000)));
         assert!(SimDuration::parse("5 parsecs").is_err());

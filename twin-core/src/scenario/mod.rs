@@ -195,8 +195,7 @@ pub struct GroupSpec {
 impl GroupSpec {
     /// The id of the group's `ordinal`-th device.
     pub fn device_id(&self, ordinal: u32) -> String {
-        self.template
-            .render(&self.name, self.start_index + u64::from(ordinal))
+        self.template.render(&self.name, self.start_index + u64::from(ordinal))
     }
 }
 
@@ -236,11 +235,7 @@ impl SensorSpec {
 
     /// Axis names of the channels (`x`, `y`, `z` for three channels).
     pub fn channel_names(&self) -> &'static [&'static str] {
-        if self.dims == 1 {
-            &[""]
-        } else {
-            &["x", "y", "z"]
-        }
+        if self.dims == 1 { &[""] } else { &["x", "y", "z"] }
     }
 }
 
@@ -372,8 +367,8 @@ impl Scenario {
             let mut problems: Vec<Problem> = diagnostics
                 .into_iter()
                 .map(|d| {
-                    let (line, column) = locate(&document, &d.path)
-                        .map_or((1, 1), |span| line_column(text, span.start));
+                    let (line, column) =
+                        locate(&document, &d.path).map_or((1, 1), |span| line_column(text, span.start));
                     Problem {
                         line,
                         column,
@@ -402,8 +397,7 @@ impl Scenario {
 
     /// The group a global device index belongs to.
     pub fn group_of(&self, device: u32) -> usize {
-        self.groups
-            .partition_point(|g| g.first_device + g.count <= device)
+        self.groups.partition_point(|g| g.first_device + g.count <= device)
     }
 
     /// The id of a device by global index.
@@ -414,9 +408,7 @@ impl Scenario {
 }
 
 fn toml_problem(text: &str, err: &toml::de::Error, path: String) -> Problem {
-    let (line, column) = err
-        .span()
-        .map_or((1, 1), |span| line_column(text, span.start));
+    let (line, column) = err.span().map_or((1, 1), |span| line_column(text, span.start));
     let message = err.message().trim().replace('\n', " ");
     Problem {
         line,
@@ -432,9 +424,7 @@ fn serde_path(path: &serde_path_to_error::Path) -> FieldPath {
         match segment {
             serde_path_to_error::Segment::Seq { index } => segments.push(Segment::Index(*index)),
             serde_path_to_error::Segment::Map { key } => segments.push(Segment::Key(key.clone())),
-            serde_path_to_error::Segment::Enum { variant } => {
-                segments.push(Segment::Key(variant.clone()))
-            }
+            serde_path_to_error::Segment::Enum { variant } => segments.push(Segment::Key(variant.clone())),
             serde_path_to_error::Segment::Unknown => {}
         }
     }

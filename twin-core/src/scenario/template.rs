@@ -36,10 +36,7 @@ impl IdTemplate {
             let piece = match inner {
                 "index" => Piece::Index { width: 0 },
                 "group" => Piece::Group,
-                _ => match inner
-                    .strip_prefix("index:0")
-                    .and_then(|w| w.parse::<usize>().ok())
-                {
+                _ => match inner.strip_prefix("index:0").and_then(|w| w.parse::<usize>().ok()) {
                     Some(width) if width <= 20 => Piece::Index { width },
                     _ => {
                         return Err(format!(

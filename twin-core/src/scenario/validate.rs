@@ -10,9 +10,8 @@ use nalgebra::{Rotation3, Vector3};
 use super::location::FieldPath;
 use super::raw::{self, RawScenario};
 use super::{
-    Action, ClockSpec, Diagnostic, ESTIMATED_BYTES_PER_DEVICE, ESTIMATED_BYTES_PER_SENSOR,
-    EventSpec, FileSource, GatewaySpec, GroupSpec, IdTemplate, LoadOptions, Scenario, SensorSpec,
-    Target, UploadMode, UploadSpec,
+    Action, ClockSpec, Diagnostic, ESTIMATED_BYTES_PER_DEVICE, ESTIMATED_BYTES_PER_SENSOR, EventSpec, FileSource,
+    GatewaySpec, GroupSpec, IdTemplate, LoadOptions, Scenario, SensorSpec, Target, UploadMode, UploadSpec,
 };
 use crate::criteria::{Check, Criterion, edit_distance};
 use crate::fault::SensorFault;
@@ -70,10 +69,7 @@ impl Checker {
 
     fn probability(&mut self, path: &FieldPath, value: f64) -> f64 {
         if !(0.0..=1.0).contains(&value) {
-            self.report(
-                path,
-                format!("must be a probability between 0 and 1, got {value}"),
-            );
+            self.report(path, format!("must be a probability between 0 and 1, got {value}"));
         }
         value
     }
@@ -91,9 +87,7 @@ pub(super) fn validate(
     files: &dyn FileSource,
     options: LoadOptions,
 ) -> Result<Scenario, Vec<Diagnostic>> {
-    let mut checker = Checker {
-        problems: Vec::new(),
-    };
+    let mut checker = Checker { problems: Vec::new() };
     let root = FieldPath::root();
 
     let meta = &raw.meta;
@@ -140,19 +134,9 @@ pub(super) fn validate(
         return Err(checker.problems);
     }
     check_replay_coverage(&mut checker, &partial);
-    let events = validate_storyboard(
-        &mut checker,
-        &raw.storyboard,
-        &partial,
-        &root.key("storyboard"),
-    );
+    let events = validate_storyboard(&mut checker, &raw.storyboard, &partial, &root.key("storyboard"));
     let mut scenario = Scenario { events, ..partial };
-    scenario.criteria = validate_criteria(
-        &mut checker,
-        &raw.criteria,
-        &scenario,
-        &root.key("criteria"),
-    );
+    scenario.criteria = validate_criteria(&mut checker, &raw.criteria, &scenario, &root.key("criteria"));
     if checker.problems.is_empty() {
         Ok(scenario)
     } else {
@@ -181,10 +165,7 @@ fn validate_clock(checker: &mut Checker, raw: &raw::RawClock, path: &FieldPath) 
         checker.report(&path.key("factor"), "only `scaled` mode takes a factor");
     }
     let duration = checker.positive_duration(&path.key("duration"), raw.duration);
-    let tick = checker.positive_duration(
-        &path.key("tick"),
-        raw.tick.unwrap_or(SimDuration::from_secs(1)),
-    );
+    let tick = checker.positive_duration(&path.key("tick"), raw.tick.unwrap_or(SimDuration::from_secs(1)));
     ClockSpec {
         mode,
         start: raw.start.as_ref().map(ToString::to_string),
@@ -193,34 +174,21 @@ fn validate_clock(checker: &mut Checker, raw: &raw::RawClock, path: &FieldPath) 
     }
 }
 
-fn validate_gateways(
-    checker: &mut Checker,
-    raw: &[raw::RawGateway],
-    path: &FieldPath,
-) -> Vec<GatewaySpec> {
+fn validate_gateways(checker: &mut Checker, raw: &[raw::RawGateway], path: &FieldPath) -> Vec<GatewaySpec> {
     let mut seen = HashSet::new();
     let mut gateways = Vec::new();
     if raw.len() > usize::from(u16::MAX - 1) {
-        checker.report(
-            path,
-            format!("at most {} gateways, got {}", u16::MAX - 1, raw.len()),
-        );
+        checker.report(path, format!("at most {} gateways, got {}", u16::MAX - 1, raw.len()));
     }
     for (i, gateway) in raw.iter().enumerate() {
         let path = path.index(i);
         if !seen.insert(gateway.name.as_str()) {
-            checker.report(
-                &path.key("name"),
-                format!("duplicate gateway name `{}`", gateway.name),
-            );
+            checker.report(&path.key("name"), format!("duplicate gateway name `{}`", gateway.name));
         }
         let buffer_bytes = match gateway.buffer_bytes {
             None => DEFAULT_BUFFER_BYTES,
             Some(b) if b < 0 => {
-                checker.report(
-                    &path.key("buffer_bytes"),
-                    format!("must not be negative, got {b}"),
-                );
+                checker.report(&path.key("buffer_bytes"), format!("must not be negative, got {b}"));
                 0
             }
             Some(b) => b as u64,
@@ -234,11 +202,7 @@ fn validate_gateways(
     gateways
 }
 
-fn validate_upload(
-    checker: &mut Checker,
-    raw: Option<&raw::RawUpload>,
-    path: &FieldPath,
-) -> UploadSpec {
+fn validate_upload(checker: &mut Checker, raw: Option<&raw::RawUpload>, path: &FieldPath) -> UploadSpec {
     let Some(raw) = raw else {
         return UploadSpec {
             mode: UploadMode::Raw,
@@ -250,8 +214,7 @@ fn validate_upload(
         raw::RawUploadMode::Raw => UploadMode::Raw,
         raw::RawUploadMode::Summary => UploadMode::Summary,
     };
-    let window =
-        checker.positive_duration(&path.key("window"), raw.window.unwrap_or(DEFAULT_WINDOW));
+    let window = checker.positive_duration(&path.key("window"), raw.window.unwrap_or(DEFAULT_WINDOW));
     let overhead_bytes = match raw.overhead_bytes {
         None => DEFAULT_OVERHEAD_BYTES,
         Some(b) if !(0..=65_536).contains(&b) => {
@@ -290,52 +253,43 @@ fn validate_fleet(
     for (i, group) in raw.iter().enumerate() {
         let path = path.index(i);
         if !names.insert(group.name.as_str()) {
-            checker.report(
-                &path.key("name"),
-                format!("duplicate group name `{}`", group.name),
-            );
+            checker.report(&path.key("name"), format!("duplicate group name `{}`", group.name));
         }
         if group.count < 1 {
-            checker.report(
-                &path.key("count"),
-                format!("must be at least 1, got {}", group.count),
-            );
+            checker.report(&path.key("count"), format!("must be at least 1, got {}", group.count));
         }
         let count = group.count.max(0) as u64;
-        let per_device =
-            ESTIMATED_BYTES_PER_DEVICE + ESTIMATED_BYTES_PER_SENSOR * group.sensors.len() as u64;
+        let per_device = ESTIMATED_BYTES_PER_DEVICE + ESTIMATED_BYTES_PER_SENSOR * group.sensors.len() as u64;
         estimated_bytes = estimated_bytes.saturating_add(count.saturating_mul(per_device));
         if largest.is_none_or(|(_, c)| count > c) {
             largest = Some((i, count));
         }
-        let template_text = group
-            .id
-            .clone()
-            .unwrap_or_else(|| "{group}-{index:05}".to_owned());
+        let template_text = group.id.clone().unwrap_or_else(|| "{group}-{index:05}".to_owned());
         let template = match IdTemplate::parse(&template_text) {
             Ok(t) => t,
             Err(message) => {
                 checker.report(&path.key("id"), message);
-                IdTemplate::parse("{group}-{index}")
-                    .unwrap_or_else(|_| unreachable!("fixed template parses"))
+                IdTemplate::parse("{group}-{index}").unwrap_or_else(|_| unreachable!("fixed template parses"))
             }
         };
         if count > 1 && !template.has_index() {
-            checker.report(&path.key("id"), format!("template `{template_text}` gives all {count} devices the same id: add {{index}}"));
+            checker.report(
+                &path.key("id"),
+                format!("template `{template_text}` gives all {count} devices the same id: add {{index}}"),
+            );
         }
         let start_index = match group.start_index {
             Some(s) if s < 0 => {
-                checker.report(
-                    &path.key("start_index"),
-                    format!("must not be negative, got {s}"),
-                );
+                checker.report(&path.key("start_index"), format!("must not be negative, got {s}"));
                 0
             }
             Some(s) => s as u64,
             None => 0,
         };
-        let gateway = group.gateway.as_ref().and_then(|name| {
-            match gateways.iter().position(|g| &g.name == name) {
+        let gateway = group
+            .gateway
+            .as_ref()
+            .and_then(|name| match gateways.iter().position(|g| &g.name == name) {
                 Some(index) => Some(index as u16),
                 None => {
                     let known: Vec<&str> = gateways.iter().map(|g| g.name.as_str()).collect();
@@ -352,8 +306,7 @@ fn validate_fleet(
                     );
                     None
                 }
-            }
-        });
+            });
         let upload = validate_upload(checker, group.upload.as_ref(), &path.key("upload"));
         if group.sensors.is_empty() {
             checker.report(
@@ -368,10 +321,7 @@ fn validate_fleet(
             if !sensor_names.insert(sensor.name.as_str()) {
                 checker.report(
                     &sensor_path.key("name"),
-                    format!(
-                        "duplicate sensor name `{}` in group `{}`",
-                        sensor.name, group.name
-                    ),
+                    format!("duplicate sensor name `{}` in group `{}`", sensor.name, group.name),
                 );
             }
             if let Some(spec) = validate_sensor(checker, sensor, files, &sensor_path) {
@@ -404,10 +354,7 @@ fn validate_fleet(
     } else if first_device > u64::from(u32::MAX - 1) {
         checker.report(
             path,
-            format!(
-                "at most {} devices in all, got {first_device}",
-                u32::MAX - 1
-            ),
+            format!("at most {} devices in all, got {first_device}", u32::MAX - 1),
         );
     }
     if checker.problems.is_empty() {
@@ -435,8 +382,7 @@ pub(crate) fn human_bytes(bytes: u64) -> String {
 fn check_duplicate_ids(checker: &mut Checker, groups: &[GroupSpec], path: &FieldPath) {
     // Ids are compared through 64-bit hashes (8 bytes a device instead of the strings); a hash
     // match is confirmed on the rendered ids before it is reported.
-    let mut seen: HashMap<u64, (usize, u32)> =
-        HashMap::with_capacity(groups.iter().map(|g| g.count as usize).sum());
+    let mut seen: HashMap<u64, (usize, u32)> = HashMap::with_capacity(groups.iter().map(|g| g.count as usize).sum());
     for (gi, group) in groups.iter().enumerate() {
         for ordinal in 0..group.count {
             let id = group.device_id(ordinal);
@@ -524,15 +470,9 @@ fn validate_sensor(
         let low = checker.finite(&p.key("low"), s.low);
         let high = checker.finite(&p.key("high"), s.high);
         if high <= low {
-            checker.report(
-                &p.key("high"),
-                format!("must be greater than low ({low}), got {high}"),
-            );
+            checker.report(&p.key("high"), format!("must be greater than low ({low}), got {high}"));
         }
-        Signal::Uniform {
-            low,
-            width: high - low,
-        }
+        Signal::Uniform { low, width: high - low }
     } else if let Some(s) = &raw.gaussian {
         let p = path.key("gaussian");
         Signal::Gaussian {
@@ -542,9 +482,7 @@ fn validate_sensor(
     } else if let Some(s) = &raw.sine {
         let p = path.key("sine");
         let amplitude = checker.finite(&p.key("amplitude"), s.amplitude);
-        let period = checker
-            .positive_duration(&p.key("period"), s.period)
-            .as_secs_f64();
+        let period = checker.positive_duration(&p.key("period"), s.period).as_secs_f64();
         let phase = checker.finite(&p.key("phase_deg"), s.phase_deg.unwrap_or(0.0)) * PI / 180.0;
         let offset = checker.finite(&p.key("offset"), s.offset.unwrap_or(0.0));
         if period <= 0.0 || !rate_ok {
@@ -555,17 +493,10 @@ fn validate_sensor(
         let p = path.key("random_walk");
         let start = checker.finite(&p.key("start"), s.start);
         let step_std_dev = checker.non_negative(&p.key("step_std_dev"), s.step_std_dev);
-        let min = s
-            .min
-            .map_or(f64::NEG_INFINITY, |v| checker.finite(&p.key("min"), v));
-        let max = s
-            .max
-            .map_or(f64::INFINITY, |v| checker.finite(&p.key("max"), v));
+        let min = s.min.map_or(f64::NEG_INFINITY, |v| checker.finite(&p.key("min"), v));
+        let max = s.max.map_or(f64::INFINITY, |v| checker.finite(&p.key("max"), v));
         if min > max {
-            checker.report(
-                &p.key("max"),
-                format!("must not be below min ({min}), got {max}"),
-            );
+            checker.report(&p.key("max"), format!("must not be below min ({min}), got {max}"));
         } else if !(min..=max).contains(&start) {
             checker.report(
                 &p.key("start"),
@@ -615,10 +546,7 @@ fn validate_sensor(
             let low = checker.finite(&path.key("clamp").index(0), *low);
             let high = checker.finite(&path.key("clamp").index(1), *high);
             if low > high {
-                checker.report(
-                    &path.key("clamp"),
-                    format!("low ({low}) is above high ({high})"),
-                );
+                checker.report(&path.key("clamp"), format!("low ({low}) is above high ({high})"));
             }
             Some((low, high))
         }
@@ -630,9 +558,7 @@ fn validate_sensor(
             None
         }
     };
-    let quantize = raw
-        .quantize
-        .map(|q| checker.positive(&path.key("quantize"), q));
+    let quantize = raw.quantize.map(|q| checker.positive(&path.key("quantize"), q));
     let dims = signal.dims();
     let shift = signal.centre();
     Some(SensorSpec {
@@ -648,11 +574,7 @@ fn validate_sensor(
     })
 }
 
-fn validate_markov(
-    checker: &mut Checker,
-    raw: &raw::RawMarkov,
-    path: &FieldPath,
-) -> Option<Signal> {
+fn validate_markov(checker: &mut Checker, raw: &raw::RawMarkov, path: &FieldPath) -> Option<Signal> {
     let n = raw.states.len();
     if n == 0 {
         checker.report(&path.key("states"), "needs at least one state");
@@ -671,10 +593,7 @@ fn validate_markov(
     if raw.transition.len() != n {
         checker.report(
             &path.key("transition"),
-            format!(
-                "needs {n} rows (one per state), got {}",
-                raw.transition.len()
-            ),
+            format!("needs {n} rows (one per state), got {}", raw.transition.len()),
         );
         return None;
     }
@@ -682,10 +601,7 @@ fn validate_markov(
     for (i, row) in raw.transition.iter().enumerate() {
         let row_path = path.key("transition").index(i);
         if row.len() != n {
-            checker.report(
-                &row_path,
-                format!("needs {n} probabilities, got {}", row.len()),
-            );
+            checker.report(&row_path, format!("needs {n} probabilities, got {}", row.len()));
             return None;
         }
         let mut sum = 0.0;
@@ -724,12 +640,7 @@ fn validate_markov(
     }))
 }
 
-fn vector3(
-    checker: &mut Checker,
-    values: Option<&Vec<f64>>,
-    default: [f64; 3],
-    path: &FieldPath,
-) -> Vector3<f64> {
+fn vector3(checker: &mut Checker, values: Option<&Vec<f64>>, default: [f64; 3], path: &FieldPath) -> Vector3<f64> {
     match values.map(Vec::as_slice) {
         None => Vector3::from(default),
         Some(&[x, y, z]) => Vector3::new(
@@ -754,10 +665,7 @@ fn validate_vibration(
     if raw.harmonics.is_empty() {
         checker.report(&path.key("harmonics"), "needs at least the 1x amplitude");
     }
-    let phases = raw
-        .phases_deg
-        .clone()
-        .unwrap_or_else(|| vec![0.0; raw.harmonics.len()]);
+    let phases = raw.phases_deg.clone().unwrap_or_else(|| vec![0.0; raw.harmonics.len()]);
     if phases.len() != raw.harmonics.len() {
         checker.report(
             &path.key("phases_deg"),
@@ -781,12 +689,7 @@ fn validate_vibration(
             )
         })
         .collect();
-    let axis = vector3(
-        checker,
-        raw.axis.as_ref(),
-        [1.0, 0.0, 0.0],
-        &path.key("axis"),
-    );
+    let axis = vector3(checker, raw.axis.as_ref(), [1.0, 0.0, 0.0], &path.key("axis"));
     if axis.norm() == 0.0 {
         checker.report(&path.key("axis"), "must not be the zero vector");
         return None;
@@ -800,7 +703,13 @@ fn validate_vibration(
     let gravity = checker.non_negative(&path.key("gravity"), raw.gravity.unwrap_or(9.806_65));
     let highest = shaft_hz * harmonics.len() as f64;
     if highest * 2.0 > rate_hz {
-        checker.report(&path.key("harmonics"), format!("the highest harmonic ({highest} Hz) is above the Nyquist frequency of rate_hz ({} Hz)", rate_hz / 2.0));
+        checker.report(
+            &path.key("harmonics"),
+            format!(
+                "the highest harmonic ({highest} Hz) is above the Nyquist frequency of rate_hz ({} Hz)",
+                rate_hz / 2.0
+            ),
+        );
     }
     if shaft_hz <= 0.0 || !shaft_hz.is_finite() {
         return None;
@@ -821,11 +730,15 @@ fn validate_replay(
         Some(raw::RawReplayFormat::Csv) => ReplayFormat::Csv,
         Some(raw::RawReplayFormat::Jsonl) => ReplayFormat::Jsonl,
         None if raw.file.ends_with(".csv") => ReplayFormat::Csv,
-        None if raw.file.ends_with(".jsonl") || raw.file.ends_with(".ndjson") => {
-            ReplayFormat::Jsonl
-        }
+        None if raw.file.ends_with(".jsonl") || raw.file.ends_with(".ndjson") => ReplayFormat::Jsonl,
         None => {
-            checker.report(&path.key("format"), format!("cannot tell the format of `{}` from its extension: set format = \"csv\" or \"jsonl\"", raw.file));
+            checker.report(
+                &path.key("format"),
+                format!(
+                    "cannot tell the format of `{}` from its extension: set format = \"csv\" or \"jsonl\"",
+                    raw.file
+                ),
+            );
             return None;
         }
     };
@@ -843,10 +756,7 @@ fn validate_replay(
             return None;
         }
     };
-    let columns = raw
-        .columns
-        .clone()
-        .unwrap_or_else(|| vec!["value".to_owned()]);
+    let columns = raw.columns.clone().unwrap_or_else(|| vec!["value".to_owned()]);
     if columns.is_empty() || columns.len() == 2 || columns.len() > 3 {
         checker.report(
             &path.key("columns"),
@@ -854,8 +764,7 @@ fn validate_replay(
         );
         return None;
     }
-    let filter: Vec<(String, String)> =
-        raw.filter.clone().unwrap_or_default().into_iter().collect();
+    let filter: Vec<(String, String)> = raw.filter.clone().unwrap_or_default().into_iter().collect();
     for (column, template) in &filter {
         let stripped = template
             .replace("{id}", "")
@@ -864,9 +773,7 @@ fn validate_replay(
         if stripped.contains(['{', '}']) {
             checker.report(
                 &path.key("filter").key(column),
-                format!(
-                    "unknown placeholder in `{template}` (use {{id}}, {{sensor}} or {{group}})"
-                ),
+                format!("unknown placeholder in `{template}` (use {{id}}, {{sensor}} or {{group}})"),
             );
         }
     }
@@ -876,10 +783,7 @@ fn validate_replay(
     let mut spec = ReplaySpec {
         file: raw.file.clone(),
         format,
-        timestamp: raw
-            .timestamp
-            .clone()
-            .unwrap_or_else(|| "timestamp".to_owned()),
+        timestamp: raw.timestamp.clone().unwrap_or_else(|| "timestamp".to_owned()),
         columns,
         dims: 1,
         filter,
@@ -994,34 +898,21 @@ fn sensor_fault(
         ));
     }
     if let Some(s) = &event.stuck {
-        let value = s
-            .value
-            .map(|v| checker.finite(&path.key("stuck").key("value"), v));
+        let value = s.value.map(|v| checker.finite(&path.key("stuck").key("value"), v));
         found.push((s.sensor.clone(), SensorFault::Stuck { value }, "stuck"));
     }
     if let Some(s) = &event.spikes {
-        let probability =
-            checker.probability(&path.key("spikes").key("probability"), s.probability);
+        let probability = checker.probability(&path.key("spikes").key("probability"), s.probability);
         let magnitude = checker.finite(&path.key("spikes").key("magnitude"), s.magnitude);
         found.push((
             s.sensor.clone(),
-            SensorFault::Spikes {
-                probability,
-                magnitude,
-            },
+            SensorFault::Spikes { probability, magnitude },
             "spikes",
         ));
     }
     if let Some(s) = &event.dropout {
-        let probability = checker.probability(
-            &path.key("dropout").key("probability"),
-            s.probability.unwrap_or(1.0),
-        );
-        found.push((
-            s.sensor.clone(),
-            SensorFault::Dropout { probability },
-            "dropout",
-        ));
+        let probability = checker.probability(&path.key("dropout").key("probability"), s.probability.unwrap_or(1.0));
+        found.push((s.sensor.clone(), SensorFault::Dropout { probability }, "dropout"));
     }
     if let Some(s) = &event.saturation {
         let low = s.low.map_or(f64::NEG_INFINITY, |v| {
@@ -1033,16 +924,9 @@ fn sensor_fault(
         if s.low.is_none() && s.high.is_none() {
             checker.report(&path.key("saturation"), "needs low, high or both");
         } else if low > high {
-            checker.report(
-                &path.key("saturation"),
-                format!("low ({low}) is above high ({high})"),
-            );
+            checker.report(&path.key("saturation"), format!("low ({low}) is above high ({high})"));
         }
-        found.push((
-            s.sensor.clone(),
-            SensorFault::Saturation { low, high },
-            "saturation",
-        ));
+        found.push((s.sensor.clone(), SensorFault::Saturation { low, high }, "saturation"));
     }
     if let Some(s) = &event.noise {
         let std_dev = checker.non_negative(&path.key("noise").key("std_dev"), s.std_dev);
@@ -1082,10 +966,7 @@ fn validate_storyboard(
             actions.push((Action::Crash, "crash"));
         }
         if let Some(skew) = &event.clock_skew {
-            let offset_s = checker.finite(
-                &path.key("clock_skew").key("offset_s"),
-                skew.offset_s.unwrap_or(0.0),
-            );
+            let offset_s = checker.finite(&path.key("clock_skew").key("offset_s"), skew.offset_s.unwrap_or(0.0));
             let ppm = checker.finite(&path.key("clock_skew").key("ppm"), skew.ppm.unwrap_or(0.0));
             actions.push((Action::ClockSkew { offset_s, ppm }, "clock_skew"));
         }
@@ -1122,8 +1003,7 @@ fn validate_storyboard(
         let Some(target) = target else { continue };
         if let (
             Action::SensorFault {
-                sensor: Some(sensor),
-                ..
+                sensor: Some(sensor), ..
             },
             Target::Devices(devices),
         ) = (&action, &target)
@@ -1155,9 +1035,7 @@ fn validate_storyboard(
                 }
             }
         }
-        let until = event
-            .lasts
-            .map(|d| SimDuration(event.at.0.saturating_add(d.0)));
+        let until = event.lasts.map(|d| SimDuration(event.at.0.saturating_add(d.0)));
         events.push(EventSpec {
             index: i as u32,
             at: event.at,
@@ -1175,15 +1053,7 @@ fn seeded_pick(scenario: &Scenario, candidates: &[u32], wanted: usize, event: u3
     let stream = format!("select:{event}");
     let mut ranked: Vec<(u64, u32)> = candidates
         .iter()
-        .map(|&d| {
-            (
-                mix(
-                    scenario.seed,
-                    stable_key(&[&scenario.device_id(d), &stream]),
-                ),
-                d,
-            )
-        })
+        .map(|&d| (mix(scenario.seed, stable_key(&[&scenario.device_id(d), &stream])), d))
         .collect();
     ranked.sort_unstable();
     let mut picked: Vec<u32> = ranked.into_iter().take(wanted).map(|(_, d)| d).collect();
@@ -1207,11 +1077,7 @@ fn resolve_target(
             checker.report(path, "a partition needs target = { gateway = \"...\" }");
             return None;
         };
-        if target.group.is_some()
-            || target.ids.is_some()
-            || target.fraction.is_some()
-            || target.count.is_some()
-        {
+        if target.group.is_some() || target.ids.is_some() || target.fraction.is_some() || target.count.is_some() {
             checker.report(
                 path,
                 "a partition targets a gateway only: remove group, ids, fraction and count",
@@ -1245,10 +1111,7 @@ fn resolve_target(
             match map.get(id) {
                 Some(&d) => devices.push(d),
                 None => {
-                    checker.report(
-                        &path.key("ids").index(k),
-                        format!("no device has id `{id}`"),
-                    );
+                    checker.report(&path.key("ids").index(k), format!("no device has id `{id}`"));
                     return None;
                 }
             }
@@ -1261,8 +1124,7 @@ fn resolve_target(
             (Some(name), _) => match scenario.groups.iter().find(|g| &g.name == name) {
                 Some(group) => vec![group],
                 None => {
-                    let names: Vec<&str> =
-                        scenario.groups.iter().map(|g| g.name.as_str()).collect();
+                    let names: Vec<&str> = scenario.groups.iter().map(|g| g.name.as_str()).collect();
                     checker.report(
                         &path.key("group"),
                         format!("unknown group `{name}` (groups: {})", names.join(", ")),
@@ -1370,10 +1232,7 @@ fn validate_criteria(
                 let low = checker.finite(&path.key("between").index(0), low);
                 let high = checker.finite(&path.key("between").index(1), high);
                 if low > high {
-                    checker.report(
-                        &path.key("between"),
-                        format!("low ({low}) is above high ({high})"),
-                    );
+                    checker.report(&path.key("between"), format!("low ({low}) is above high ({high})"));
                 }
                 checks.push(Check::Between(low, high));
             }

@@ -6,10 +6,7 @@ use bevy_ecs::system::{Query, ResMut};
 use crate::components::{ClockSkew, Device, DeviceRow, DeviceTable, Power, Uplink};
 
 /// Publishes each device's power, upload settings and clock into [`DeviceTable`].
-pub fn publish_device_table(
-    devices: Query<(&Device, &Power, &Uplink, &ClockSkew)>,
-    mut table: ResMut<DeviceTable>,
-) {
+pub fn publish_device_table(devices: Query<(&Device, &Power, &Uplink, &ClockSkew)>, mut table: ResMut<DeviceTable>) {
     for (device, power, uplink, skew) in &devices {
         table.0[device.index as usize] = DeviceRow {
             online: power.online,

@@ -12,8 +12,8 @@ use bevy_ecs::change_detection::Mut;
 use bevy_ecs::system::{Query, Res};
 
 use crate::components::{
-    DeviceRow, DeviceTable, Recorder, Recording, ReplayCursor, ScenarioSpec, Sensor, SensorFaults,
-    SensorState, SensorStats, StepOutput,
+    DeviceRow, DeviceTable, Recorder, Recording, ReplayCursor, ScenarioSpec, Sensor, SensorFaults, SensorState,
+    SensorStats, StepOutput,
 };
 use crate::fault;
 use crate::scenario::{SensorSpec, UploadMode};
@@ -52,23 +52,20 @@ pub fn sample_sensors(
     sensors
         .par_iter_mut()
         .batching_strategy(BatchingStrategy::new().min_batch_size(512))
-        .for_each_init(
-            Block::new,
-            |block, (sensor, state, stats, faults, cursor, recorder)| {
-                let spec = &specs[sensor.spec as usize];
-                let row = &context.devices[sensor.device as usize];
-                let mut work = SensorWork {
-                    spec,
-                    row,
-                    state: state.into_inner(),
-                    stats: stats.into_inner(),
-                    faults,
-                    recorder: recorder.map(Mut::into_inner),
-                    block,
-                };
-                work.run_step(&context, cursor);
-            },
-        );
+        .for_each_init(Block::new, |block, (sensor, state, stats, faults, cursor, recorder)| {
+            let spec = &specs[sensor.spec as usize];
+            let row = &context.devices[sensor.device as usize];
+            let mut work = SensorWork {
+                spec,
+                row,
+                state: state.into_inner(),
+                stats: stats.into_inner(),
+                faults,
+                recorder: recorder.map(Mut::into_inner),
+                block,
+            };
+            work.run_step(&context, cursor);
+        });
 }
 
 /// What every sensor's step shares.
@@ -141,14 +138,10 @@ impl SensorWork<'_> {
         while self.state.next_index < end_index {
             let first = self.state.next_index;
             let n = ((end_index - first) as usize).min(BLOCK);
-            self.spec.signal.generate(
-                &mut self.state.level,
-                &mut self.state.stream,
-                first,
-                self.block,
-                n,
-            );
-            let mut times = [0.0; BLOCK];
+            self.spec
+                .signal
+                .generate(&mut self.state.level, &mut self.state.stream, first, self.block, n);
+            let times = &mut self.block.times;
             let needs_times = self.faults.is_some() || self.recorder.is_some();
             if needs_times {
                 for (i, t) in times[..n].iter_mut().enumerate() {
@@ -157,7 +150,7 @@ impl SensorWork<'_> {
             } else {
                 times[n - 1] = (first + n as u64 - 1) as f64 / rate;
             }
-            self.finish_block(n, &mut times);
+            self.finish_block(n);
             self.state.next_index = first + n as u64;
         }
     }
@@ -170,7 +163,6 @@ impl SensorWork<'_> {
         let looping = matches!(&self.spec.signal, crate::signal::Signal::Replay(r) if r.looping);
         loop {
             let mut n = 0;
-            let mut times = [0.0; BLOCK];
             while n < BLOCK {
                 if cursor.row >= series.times.len() {
                     if !looping || series.period <= 0.0 {
@@ -187,7 +179,7 @@ impl SensorWork<'_> {
                     for channel in 0..dims {
                         self.block.values[channel][n] = series.values[cursor.row * dims + channel];
                     }
-                    times[n] = t;
+                    self.block.times[n] = t;
                     n += 1;
                 }
                 cursor.row += 1;
@@ -195,7 +187,7 @@ impl SensorWork<'_> {
             if n == 0 {
                 return;
             }
-            self.finish_block(n, &mut times);
+            self.finish_block(n);
             if n < BLOCK {
                 return;
             }
@@ -203,7 +195,7 @@ impl SensorWork<'_> {
     }
 
     /// Noise, faults, clamp, quantization, dropout, accumulation and recording of `n` readings.
-    fn finish_block(&mut self, n: usize, times: &mut [f64; BLOCK]) {
+    fn finish_block(&mut self, n: usize) {
         let spec = self.spec;
         let dims = spec.dims;
         if spec.noise > 0.0 {
@@ -216,7 +208,7 @@ impl SensorWork<'_> {
             }
         }
         if let Some(faults) = self.faults.as_deref_mut() {
-            fault::apply_values(&mut faults.0, self.block, dims, n, times);
+            fault::apply_values(&mut faults.0, self.block, dims, n);
         }
         if let Some((low, high)) = spec.clamp {
             for channel in self.block.values.iter_mut().take(dims) {
@@ -239,7 +231,7 @@ impl SensorWork<'_> {
             }
         }
         let kept = match self.faults.as_deref_mut() {
-            Some(faults) => fault::apply_dropout(&mut faults.0, self.block, dims, n, times),
+            Some(faults) => fault::apply_dropout(&mut faults.0, self.block, dims, n),
             None => n,
         };
         if kept == 0 {
@@ -252,15 +244,14 @@ impl SensorWork<'_> {
         }
         let step = &mut self.state.step;
         step.samples += kept as u32;
-        step.newest = times[kept - 1];
+        step.newest = self.block.times[kept - 1];
         if self.row.mode == UploadMode::Raw {
             step.raw_messages += kept as u32;
-            step.raw_bytes +=
-                kept as u64 * u64::from(spec.raw_message_bytes(self.row.overhead_bytes));
+            step.raw_bytes += kept as u64 * u64::from(spec.raw_message_bytes(self.row.overhead_bytes));
         }
         if let Some(recorder) = self.recorder.as_deref_mut() {
             for i in 0..kept {
-                recorder.0.push(self.row.skew.device_time(times[i]));
+                recorder.0.push(self.row.skew.device_time(self.block.times[i]));
                 for channel in 0..dims {
                     recorder.0.push(self.block.values[channel][i]);
                 }

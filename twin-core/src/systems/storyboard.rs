@@ -4,9 +4,7 @@
 use bevy_ecs::resource::Resource;
 use bevy_ecs::world::World;
 
-use crate::components::{
-    ClockSkew, EdgeBuffer, Power, ScenarioSpec, SensorFaults, SensorStats, Topology, Uplink,
-};
+use crate::components::{ClockSkew, EdgeBuffer, Power, ScenarioSpec, SensorFaults, SensorStats, Topology, Uplink};
 use crate::fault::{ActiveFault, SensorFault};
 use crate::metrics::{EventLog, Metrics};
 use crate::rng::Stream;
@@ -78,10 +76,7 @@ pub fn apply_due_events(world: &mut World) {
             }
         };
         let mut metrics = world.resource_mut::<Metrics>();
-        *metrics
-            .fault_activations
-            .entry(event.action.kind())
-            .or_default() += affected;
+        *metrics.fault_activations.entry(event.action.kind()).or_default() += affected;
         metrics.events.push(EventLog {
             index: event.index,
             affected,
@@ -115,11 +110,8 @@ fn start(world: &mut World, scenario: &Scenario, event: &EventSpec, now: u64) ->
                     if let SensorFault::Stuck { value } = fault {
                         let stats = world.get::<SensorStats>(entity);
                         for (channel, slot) in stuck.iter_mut().enumerate() {
-                            let last = stats
-                                .and_then(|s| s.channels.get(channel))
-                                .map_or(f64::NAN, |c| c.last);
-                            *slot =
-                                value.unwrap_or(if last.is_finite() { last } else { spec.shift });
+                            let last = stats.and_then(|s| s.channels.get(channel)).map_or(f64::NAN, |c| c.last);
+                            *slot = value.unwrap_or(if last.is_finite() { last } else { spec.shift });
                         }
                     }
                     let stream = Stream::derive(
@@ -150,32 +142,26 @@ fn start(world: &mut World, scenario: &Scenario, event: &EventSpec, now: u64) ->
                 if let Some(mut power) = world.get_mut::<Power>(topology.devices[device as usize]) {
                     power.online = false;
                 }
-                world.resource_mut::<Metrics>().groups[scenario.group_of(device)]
-                    .fault_activations += 1;
+                world.resource_mut::<Metrics>().groups[scenario.group_of(device)].fault_activations += 1;
                 affected += 1;
             }
         }
         Action::ClockSkew { offset_s, ppm } => {
             for &device in devices_of(event) {
-                if let Some(mut skew) =
-                    world.get_mut::<ClockSkew>(topology.devices[device as usize])
-                {
+                if let Some(mut skew) = world.get_mut::<ClockSkew>(topology.devices[device as usize]) {
                     *skew = ClockSkew {
                         offset_s: *offset_s,
                         ppm: *ppm,
                         since_s: now_s,
                     };
                 }
-                world.resource_mut::<Metrics>().groups[scenario.group_of(device)]
-                    .fault_activations += 1;
+                world.resource_mut::<Metrics>().groups[scenario.group_of(device)].fault_activations += 1;
                 affected += 1;
             }
         }
         Action::Partition => {
             if let Target::Gateway(g) = event.target {
-                if let Some(mut buffer) =
-                    world.get_mut::<EdgeBuffer>(topology.gateways[usize::from(g)])
-                {
+                if let Some(mut buffer) = world.get_mut::<EdgeBuffer>(topology.gateways[usize::from(g)]) {
                     buffer.partitioned = true;
                 }
                 world.resource_mut::<Metrics>().gateways[usize::from(g)].partitions += 1;
@@ -184,8 +170,7 @@ fn start(world: &mut World, scenario: &Scenario, event: &EventSpec, now: u64) ->
         }
         Action::Upload(spec) => {
             for &device in devices_of(event) {
-                if let Some(mut uplink) = world.get_mut::<Uplink>(topology.devices[device as usize])
-                {
+                if let Some(mut uplink) = world.get_mut::<Uplink>(topology.devices[device as usize]) {
                     uplink.0 = *spec;
                 }
                 affected += 1;
@@ -224,9 +209,7 @@ fn end(world: &mut World, scenario: &Scenario, event: &EventSpec) {
         }
         Action::ClockSkew { .. } => {
             for &device in devices_of(event) {
-                if let Some(mut skew) =
-                    world.get_mut::<ClockSkew>(topology.devices[device as usize])
-                {
+                if let Some(mut skew) = world.get_mut::<ClockSkew>(topology.devices[device as usize]) {
                     *skew = ClockSkew::default();
                 }
             }
@@ -239,8 +222,7 @@ fn end(world: &mut World, scenario: &Scenario, event: &EventSpec) {
         Action::Upload(_) => {
             for &device in devices_of(event) {
                 let group = &scenario.groups[scenario.group_of(device)];
-                if let Some(mut uplink) = world.get_mut::<Uplink>(topology.devices[device as usize])
-                {
+                if let Some(mut uplink) = world.get_mut::<Uplink>(topology.devices[device as usize]) {
                     uplink.0 = group.upload;
                 }
             }
@@ -250,8 +232,7 @@ fn end(world: &mut World, scenario: &Scenario, event: &EventSpec) {
 
 /// Ends a partition: the backlog is delivered, and the cloud catches up with what it held.
 fn heal(world: &mut World, scenario: &Scenario, topology: &Topology, gateway: u16) {
-    let Some(mut buffer) = world.get_mut::<EdgeBuffer>(topology.gateways[usize::from(gateway)])
-    else {
+    let Some(mut buffer) = world.get_mut::<EdgeBuffer>(topology.gateways[usize::from(gateway)]) else {
         return;
     };
     buffer.partitioned = false;
@@ -263,11 +244,7 @@ fn heal(world: &mut World, scenario: &Scenario, topology: &Topology, gateway: u1
         .backlog_delivered
         .add(delivered.0, delivered.1);
     let mut uplink = world.resource_mut::<UplinkState>();
-    for group in scenario
-        .groups
-        .iter()
-        .filter(|g| g.gateway == Some(gateway))
-    {
+    for group in scenario.groups.iter().filter(|g| g.gateway == Some(gateway)) {
         for d in group.first_device as usize..(group.first_device + group.count) as usize {
             let buffered = std::mem::replace(&mut uplink.buffered_newest[d], f64::NEG_INFINITY);
             if buffered > uplink.cloud_latest[d] {

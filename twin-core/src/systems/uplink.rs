@@ -106,8 +106,7 @@ pub fn forward_uplink(
                 bytes = closes * (u64::from(row.overhead_bytes) + uplink.summary_entry_bytes[gi]);
                 group_metrics.summary.add(messages, bytes);
                 if closes > 0 {
-                    newest =
-                        newest.max(secs(clock.step_end / row.window.max(1) * row.window.max(1)));
+                    newest = newest.max(secs(clock.step_end / row.window.max(1) * row.window.max(1)));
                 }
             } else {
                 group_metrics.raw.add(messages, bytes);
@@ -127,29 +126,20 @@ pub fn forward_uplink(
                     };
                     buffer.backlog_bytes += admitted_bytes;
                     buffer.backlog_messages += admitted_messages;
-                    group_metrics
-                        .buffered
-                        .add(admitted_messages, admitted_bytes);
+                    group_metrics.buffered.add(admitted_messages, admitted_bytes);
                     group_metrics
                         .lost
                         .add(messages - admitted_messages, bytes - admitted_bytes);
                     let Some(gateway_metrics) = gateway_metrics.as_deref_mut() else {
                         continue;
                     };
-                    gateway_metrics
-                        .buffered
-                        .add(admitted_messages, admitted_bytes);
+                    gateway_metrics.buffered.add(admitted_messages, admitted_bytes);
                     gateway_metrics
                         .lost
                         .add(messages - admitted_messages, bytes - admitted_bytes);
-                    gateway_metrics.peak_backlog_bytes =
-                        gateway_metrics.peak_backlog_bytes.max(buffer.backlog_bytes);
+                    gateway_metrics.peak_backlog_bytes = gateway_metrics.peak_backlog_bytes.max(buffer.backlog_bytes);
                     if admitted_messages > 0 {
-                        let admitted_newest = if admitted_messages == messages {
-                            newest
-                        } else {
-                            now_s
-                        };
+                        let admitted_newest = if admitted_messages == messages { newest } else { now_s };
                         uplink.buffered_newest[d] = uplink.buffered_newest[d].max(admitted_newest);
                     }
                 }
