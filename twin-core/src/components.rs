@@ -1,8 +1,11 @@
 //! Components and resources of the fleet world: plain data, no behaviour.
 //!
-//! Topology is data: a device names its gateway, a sensor names its device, and the
-//! [`Topology`] resource lists entities by stable index (the order of the scenario's groups and
-//! devices), which is the only order in which anything is ever reduced or written out.
+//! Devices and gateways are entities; a device's sensors are slots of its [`Sensors`]
+//! component (the sensor is the unit of generation, the device the unit of ownership: a sensor
+//! never exists without its device, and a million devices must fit in 512 MiB). Topology is
+//! data: a device names its gateway, and the [`Topology`] resource lists entities by stable
+//! index (the order of the scenario's groups and devices), the only order in which anything is
+//! ever reduced or written out.
 
 use std::sync::Arc;
 
@@ -14,10 +17,10 @@ use smallvec::SmallVec;
 use crate::fault::ActiveFault;
 use crate::replay::ReplaySeries;
 use crate::rng::Stream;
-use crate::scenario::{Scenario, UploadMode, UploadSpec};
+use crate::scenario::{Scenario, UploadSpec};
 use crate::stats::{RunStats, WindowAcc};
 
-/// An edge device (a Raspberry Pi, a Jetson, an MCU board...).
+/// An edge device's identity (a Raspberry Pi, a Jetson, an MCU board...).
 #[derive(Component, Clone, Copy, Debug)]
 pub struct Device {
     /// Stable global index (scenario order).
@@ -28,19 +31,8 @@ pub struct Device {
     pub gateway: Option<u16>,
 }
 
-/// Whether a device is running.
-#[derive(Component, Clone, Copy, Debug)]
-pub struct Power {
-    /// False while crashed.
-    pub online: bool,
-}
-
-/// How a device's data leaves the edge.
-#[derive(Component, Clone, Copy, Debug)]
-pub struct Uplink(pub UploadSpec);
-
 /// The device clock's error: `device_time = t + offset + ppm * 1e-6 * (t - since)`.
-#[derive(Component, Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct ClockSkew {
     /// Offset in seconds.
     pub offset_s: f64,
@@ -57,6 +49,131 @@ impl ClockSkew {
         t + self.offset_s + self.ppm * 1e-6 * (t - self.since_s)
     }
 }
+
+/// What a device's sensors produced during the current step, read by the uplink.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StepOutput {
+    /// Readings kept (after dropout).
+    pub samples: u32,
+    /// Raw-mode messages.
+    pub raw_messages: u32,
+    /// Raw-mode bytes.
+    pub raw_bytes: u64,
+    /// Time of the newest kept reading (simulated seconds), or -inf.
+    pub newest: f64,
+}
+
+/// A device's changing state: power, upload settings, clock, and the current step's output.
+#[derive(Component, Clone, Copy, Debug)]
+pub struct DeviceState {
+    /// False while crashed.
+    pub online: bool,
+    /// How its data leaves the edge.
+    pub uplink: UploadSpec,
+    /// Its clock's error.
+    pub skew: ClockSkew,
+    /// Output of the current step.
+    pub step: StepOutput,
+}
+
+/// One channel's statistics: the open window (what a summary would carry) and the run so far.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ChannelStats {
+    /// The window being filled; its `last` persists across windows (the last reading ever).
+    pub window: WindowAcc,
+    /// Closed windows, merged.
+    pub total: RunStats,
+}
+
+/// Statistics of a sensor's channels: one inline for scalar sensors, three boxed for vectors.
+#[derive(Clone, Debug)]
+pub enum Channels {
+    /// A scalar sensor.
+    Scalar(ChannelStats),
+    /// A vector sensor.
+    Vector(Box<[ChannelStats]>),
+}
+
+impl Channels {
+    /// Statistics for `dims` channels.
+    pub fn new(dims: usize) -> Self {
+        let fresh = ChannelStats {
+            window: WindowAcc::default(),
+            total: RunStats::default(),
+        };
+        if dims == 1 {
+            Self::Scalar(fresh)
+        } else {
+            Self::Vector(vec![fresh; dims].into_boxed_slice())
+        }
+    }
+
+    /// The channels.
+    pub fn as_slice(&self) -> &[ChannelStats] {
+        match self {
+            Self::Scalar(c) => std::slice::from_ref(c),
+            Self::Vector(v) => v,
+        }
+    }
+
+    /// The channels, mutably.
+    pub fn as_mut_slice(&mut self) -> &mut [ChannelStats] {
+        match self {
+            Self::Scalar(c) => std::slice::from_mut(c),
+            Self::Vector(v) => v,
+        }
+    }
+}
+
+/// One sensor of a device: generator state and statistics.
+#[derive(Clone, Debug)]
+pub struct SensorSlot {
+    /// Index of its spec in [`Scenario::sensors`].
+    pub spec: u32,
+    /// Index of the next periodic sample (sample `k` is at `k / rate_hz`).
+    pub next_index: u64,
+    /// Generator state (walk position, OU value, Markov state).
+    pub level: f64,
+    /// The signal's random stream.
+    pub stream: Stream,
+    /// Statistics per channel.
+    pub channels: Channels,
+}
+
+/// A device's sensors, in the order of its group's `[[fleet.sensors]]`.
+#[derive(Component, Clone, Debug, Default)]
+pub struct Sensors(pub SmallVec<[SensorSlot; 2]>);
+
+/// Faults in effect on a device's sensors, one list per sensor slot (present only while a
+/// fault is).
+#[derive(Component, Clone, Debug, Default)]
+pub struct SensorFaults(pub SmallVec<[Vec<ActiveFault>; 2]>);
+
+impl SensorFaults {
+    /// Whether no fault is in effect.
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(Vec::is_empty)
+    }
+}
+
+/// Playback position of a replay sensor.
+#[derive(Clone, Debug)]
+pub struct ReplayCursor {
+    /// The sensor's series.
+    pub series: Arc<ReplaySeries>,
+    /// Next row.
+    pub row: usize,
+    /// Completed passes (looping).
+    pub pass: u64,
+}
+
+/// Replay positions of a device's sensors (`None` for sensors that do not replay).
+#[derive(Component, Clone, Debug, Default)]
+pub struct ReplayCursors(pub SmallVec<[Option<ReplayCursor>; 2]>);
+
+/// Readings kept for the recording, per sensor slot: `(device time, channel values...)` flattened.
+#[derive(Component, Clone, Debug, Default)]
+pub struct Recorder(pub SmallVec<[Vec<f64>; 2]>);
 
 /// A gateway (site) between devices and the cloud.
 #[derive(Component, Clone, Copy, Debug)]
@@ -78,78 +195,6 @@ pub struct EdgeBuffer {
     pub partitioned: bool,
 }
 
-/// A sensor on a device.
-#[derive(Component, Clone, Copy, Debug)]
-pub struct Sensor {
-    /// Global index of its device.
-    pub device: u32,
-    /// Index of its spec in [`Scenario::sensors`].
-    pub spec: u32,
-}
-
-/// What a sensor produced during the current step, read by the uplink.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct StepOutput {
-    /// Readings kept (after dropout).
-    pub samples: u32,
-    /// Raw-mode messages.
-    pub raw_messages: u32,
-    /// Raw-mode bytes.
-    pub raw_bytes: u64,
-    /// Time of the newest kept reading (simulated seconds), or -inf.
-    pub newest: f64,
-}
-
-/// A sensor's generator state.
-#[derive(Component, Clone, Debug)]
-pub struct SensorState {
-    /// Index of the next periodic sample (sample `k` is at `k / rate_hz`).
-    pub next_index: u64,
-    /// Generator state (walk position, OU value, Markov state).
-    pub level: f64,
-    /// The signal's random stream.
-    pub stream: Stream,
-    /// Output of the current step.
-    pub step: StepOutput,
-}
-
-/// One channel's statistics: the open window and the run so far.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ChannelStats {
-    /// The window being filled.
-    pub window: WindowAcc,
-    /// Closed windows, merged.
-    pub total: RunStats,
-    /// Last reading ever.
-    pub last: f64,
-}
-
-/// Statistics per channel (one for scalar sensors, three for vectors).
-#[derive(Component, Clone, Debug, Default)]
-pub struct SensorStats {
-    /// Channels.
-    pub channels: SmallVec<[ChannelStats; 1]>,
-}
-
-/// Faults in effect on a sensor (present only while one is).
-#[derive(Component, Clone, Debug, Default)]
-pub struct SensorFaults(pub Vec<ActiveFault>);
-
-/// Playback position of a replay sensor.
-#[derive(Component, Clone, Debug)]
-pub struct ReplayCursor {
-    /// The sensor's series.
-    pub series: Arc<ReplaySeries>,
-    /// Next row.
-    pub row: usize,
-    /// Completed passes (looping).
-    pub pass: u64,
-}
-
-/// Readings kept for the recording: `(device time, channel values...)` flattened.
-#[derive(Component, Clone, Debug, Default)]
-pub struct Recorder(pub Vec<f64>);
-
 /// The scenario the world was built from.
 #[derive(Resource, Clone, Debug)]
 pub struct ScenarioSpec(pub Arc<Scenario>);
@@ -159,41 +204,6 @@ pub struct ScenarioSpec(pub Arc<Scenario>);
 pub struct Topology {
     /// Devices by global index.
     pub devices: Vec<Entity>,
-    /// `sensors[sensor_start[d]..sensor_start[d + 1]]` are device `d`'s sensors.
-    pub sensor_start: Vec<u32>,
-    /// Sensors, device by device.
-    pub sensors: Vec<Entity>,
     /// Gateways by index.
     pub gateways: Vec<Entity>,
 }
-
-impl Topology {
-    /// The sensor entities of device `d`.
-    pub fn sensors_of(&self, device: u32) -> &[Entity] {
-        let d = device as usize;
-        &self.sensors[self.sensor_start[d] as usize..self.sensor_start[d + 1] as usize]
-    }
-}
-
-/// Per-device state the parallel sensor pass needs, published once per step.
-#[derive(Clone, Copy, Debug)]
-pub struct DeviceRow {
-    /// Running.
-    pub online: bool,
-    /// Upload mode.
-    pub mode: UploadMode,
-    /// Header bytes per message.
-    pub overhead_bytes: u32,
-    /// Summary window in nanoseconds.
-    pub window: u64,
-    /// Clock error.
-    pub skew: ClockSkew,
-}
-
-/// The published device table, indexed by global device index.
-#[derive(Resource, Clone, Debug, Default)]
-pub struct DeviceTable(pub Vec<DeviceRow>);
-
-/// Whether readings are kept for a recording.
-#[derive(Resource, Clone, Copy, Debug, Default)]
-pub struct Recording(pub bool);

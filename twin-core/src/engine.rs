@@ -12,14 +12,14 @@ use bevy_ecs::world::World;
 use bevy_tasks::{ComputeTaskPool, TaskPoolBuilder};
 
 use crate::components::{
-    ChannelStats, ClockSkew, Device, DeviceRow, DeviceTable, EdgeBuffer, Gateway, Power, Recorder, Recording,
-    ReplayCursor, ScenarioSpec, Sensor, SensorState, SensorStats, StepOutput, Topology, Uplink,
+    Channels, ClockSkew, Device, DeviceState, EdgeBuffer, Gateway, Recorder, ReplayCursor, ReplayCursors, ScenarioSpec,
+    SensorSlot, Sensors, StepOutput, Topology,
 };
 use crate::metrics::{GatewayMetrics, GroupMetrics, Metrics};
 use crate::replay::series_key;
 use crate::report::Report;
 use crate::rng::Stream;
-use crate::scenario::Scenario;
+use crate::scenario::{Scenario, fill_filter};
 use crate::schedule::step_schedule;
 use crate::signal::Signal;
 use crate::stats::RunStats;
@@ -66,107 +66,85 @@ pub struct Simulation {
 }
 
 impl Simulation {
-    /// Builds the world: gateways, then devices group by group, each followed by its sensors.
+    /// Builds the world: gateways, then devices group by group with their sensors.
     pub fn new(scenario: Arc<Scenario>, options: RunOptions) -> Self {
         ComputeTaskPool::get_or_init(Default::default);
         let mut world = World::new();
         let mut topology = Topology::default();
         for (index, gateway) in scenario.gateways.iter().enumerate() {
-            let entity = world
-                .spawn((
-                    Gateway { index: index as u16 },
-                    EdgeBuffer {
-                        capacity_bytes: gateway.buffer_bytes,
-                        ..Default::default()
-                    },
-                ))
-                .id();
-            topology.gateways.push(entity);
+            let buffer = EdgeBuffer {
+                capacity_bytes: gateway.buffer_bytes,
+                ..Default::default()
+            };
+            topology
+                .gateways
+                .push(world.spawn((Gateway { index: index as u16 }, buffer)).id());
         }
         let devices = scenario.device_count() as usize;
         topology.devices.reserve_exact(devices);
-        topology.sensor_start.reserve_exact(devices + 1);
-        topology.sensors.reserve_exact(scenario.sensor_count() as usize);
-        let mut rows = Vec::with_capacity(devices);
         let mut summary_entry_bytes = Vec::with_capacity(scenario.groups.len());
         for (group_index, group) in scenario.groups.iter().enumerate() {
             let specs = &scenario.sensors[group.sensors.clone()];
             summary_entry_bytes.push(specs.iter().map(|s| u64::from(s.summary_entry_bytes())).sum());
+            let replays = specs.iter().any(|s| matches!(s.signal, Signal::Replay(_)));
             for ordinal in 0..group.count {
-                let index = group.first_device + ordinal;
                 let device_id = group.device_id(ordinal);
                 let device = Device {
-                    index,
+                    index: group.first_device + ordinal,
                     group: group_index as u16,
                     gateway: group.gateway,
                 };
-                let entity = world
-                    .spawn((
-                        device,
-                        Power { online: true },
-                        Uplink(group.upload),
-                        ClockSkew::default(),
-                    ))
-                    .id();
-                topology.devices.push(entity);
-                topology.sensor_start.push(topology.sensors.len() as u32);
-                rows.push(DeviceRow {
+                let state = DeviceState {
                     online: true,
-                    mode: group.upload.mode,
-                    overhead_bytes: group.upload.overhead_bytes,
-                    window: group.upload.window.0,
+                    uplink: group.upload,
                     skew: ClockSkew::default(),
-                });
-                for (local, spec) in specs.iter().enumerate() {
-                    let sensor = Sensor {
-                        device: index,
-                        spec: (group.sensors.start + local) as u32,
-                    };
-                    let state = SensorState {
-                        next_index: 0,
-                        level: spec.signal.initial_level(),
-                        stream: Stream::derive(scenario.seed, &[&device_id, &spec.name, "signal"]),
-                        step: StepOutput::default(),
-                    };
-                    let stats = SensorStats {
-                        channels: (0..spec.dims)
-                            .map(|_| ChannelStats {
-                                last: f64::NAN,
-                                ..Default::default()
-                            })
-                            .collect(),
-                    };
-                    let mut sensor_entity = world.spawn((sensor, state, stats));
-                    if let Signal::Replay(replay) = &spec.signal {
+                    step: StepOutput::default(),
+                };
+                let sensors = Sensors(
+                    specs
+                        .iter()
+                        .enumerate()
+                        .map(|(local, spec)| SensorSlot {
+                            spec: (group.sensors.start + local) as u32,
+                            next_index: 0,
+                            level: spec.signal.initial_level(),
+                            stream: Stream::derive(scenario.seed, &[&device_id, &spec.name, "signal"]),
+                            channels: Channels::new(spec.dims),
+                        })
+                        .collect(),
+                );
+                let mut entity = world.spawn((device, state, sensors));
+                if replays {
+                    let cursors = specs.iter().map(|spec| {
+                        let Signal::Replay(replay) = &spec.signal else {
+                            return None;
+                        };
                         let filled: Vec<String> = replay
                             .filter
                             .iter()
-                            .map(|(_, t)| {
-                                t.replace("{id}", &device_id)
-                                    .replace("{sensor}", &spec.name)
-                                    .replace("{group}", &group.name)
-                            })
+                            .map(|(_, t)| fill_filter(t, &device_id, &spec.name, &group.name))
                             .collect();
-                        let key = series_key(filled.iter().map(String::as_str));
-                        let series = replay.table.series.get(&key).cloned().unwrap_or_default();
-                        sensor_entity.insert(ReplayCursor {
-                            series,
+                        let series = replay
+                            .table
+                            .series
+                            .get(&series_key(filled.iter().map(String::as_str)))
+                            .cloned();
+                        Some(ReplayCursor {
+                            series: series.unwrap_or_default(),
                             row: 0,
                             pass: 0,
-                        });
-                    }
-                    if options.record {
-                        sensor_entity.insert(Recorder::default());
-                    }
-                    topology.sensors.push(sensor_entity.id());
+                        })
+                    });
+                    entity.insert(ReplayCursors(cursors.collect()));
                 }
+                if options.record {
+                    entity.insert(Recorder(specs.iter().map(|_| Vec::new()).collect()));
+                }
+                topology.devices.push(entity.id());
             }
         }
-        topology.sensor_start.push(topology.sensors.len() as u32);
         world.insert_resource(UplinkState::new(devices, summary_entry_bytes));
-        world.insert_resource(DeviceTable(rows));
         world.insert_resource(topology);
-        world.insert_resource(Recording(options.record));
         world.insert_resource(Metrics {
             groups: vec![GroupMetrics::default(); scenario.groups.len()],
             gateways: vec![GatewayMetrics::default(); scenario.gateways.len()],
@@ -231,27 +209,25 @@ impl Simulation {
     /// Hands every reading recorded since the last call to `sink`, device by device in index
     /// order, sensor by sensor, in time order.
     pub fn drain_recording(&mut self, sink: &mut dyn FnMut(RecordedSample<'_>)) {
-        let topology = self.world.resource::<Topology>().clone();
         let scenario = self.scenario.clone();
-        for (gi, group) in scenario.groups.iter().enumerate() {
-            let _ = gi;
+        let devices = self.world.resource::<Topology>().devices.clone();
+        for group in &scenario.groups {
             for ordinal in 0..group.count {
-                let device = group.first_device + ordinal;
-                let mut device_id: Option<String> = None;
-                for (local, &entity) in topology.sensors_of(device).iter().enumerate() {
+                let entity = devices[(group.first_device + ordinal) as usize];
+                let Some(mut recorder) = self.world.get_mut::<Recorder>(entity) else {
+                    continue;
+                };
+                if recorder.0.iter().all(Vec::is_empty) {
+                    continue;
+                }
+                let rows: Vec<Vec<f64>> = recorder.0.iter_mut().map(std::mem::take).collect();
+                let device_id = group.device_id(ordinal);
+                for (local, rows) in rows.iter().enumerate() {
                     let spec = &scenario.sensors[group.sensors.start + local];
-                    let Some(mut recorder) = self.world.get_mut::<Recorder>(entity) else {
-                        continue;
-                    };
-                    if recorder.0.is_empty() {
-                        continue;
-                    }
-                    let rows = std::mem::take(&mut recorder.0);
-                    let id = device_id.get_or_insert_with(|| group.device_id(ordinal));
                     for row in rows.chunks_exact(1 + spec.dims) {
                         sink(RecordedSample {
                             timestamp: row[0],
-                            device: id,
+                            device: &device_id,
                             sensor: &spec.name,
                             values: &row[1..],
                         });
@@ -271,20 +247,17 @@ impl Simulation {
             .iter()
             .map(|s| vec![RunStats::default(); s.dims])
             .collect();
-        for group in &scenario.groups {
-            for ordinal in 0..group.count {
-                let device = group.first_device + ordinal;
-                for (local, &entity) in topology.sensors_of(device).iter().enumerate() {
-                    let spec_index = group.sensors.start + local;
-                    let shift = scenario.sensors[spec_index].shift;
-                    let Some(mut stats) = self.world.get_mut::<SensorStats>(entity) else {
-                        continue;
-                    };
-                    for (channel, channel_stats) in stats.channels.iter_mut().enumerate() {
-                        let window = std::mem::take(&mut channel_stats.window);
-                        channel_stats.total.merge_window(&window, shift);
-                        totals[spec_index][channel].merge(&channel_stats.total);
-                    }
+        for &entity in &topology.devices {
+            let Some(mut sensors) = self.world.get_mut::<Sensors>(entity) else {
+                continue;
+            };
+            for slot in &mut sensors.0 {
+                let spec = slot.spec as usize;
+                let shift = scenario.sensors[spec].shift;
+                for (channel, stats) in slot.channels.as_mut_slice().iter_mut().enumerate() {
+                    stats.total.merge_window(&stats.window, shift);
+                    stats.window.reset();
+                    totals[spec][channel].merge(&stats.total);
                 }
             }
         }

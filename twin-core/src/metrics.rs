@@ -44,6 +44,8 @@ pub struct GroupMetrics {
     pub fault_activations: u64,
     /// Device-seconds spent crashed.
     pub offline_device_seconds: f64,
+    /// Devices crashed right now.
+    pub offline_devices: u64,
 }
 
 /// Counters of one gateway.

@@ -2,12 +2,14 @@
 //!
 //! Nothing here depends on spawn order, iteration order or threads: a sensor's stream is a pure
 //! function of the scenario seed, its device id, its own name and the purpose of the stream. The
-//! derivation (FNV-1a over the key bytes, then SplitMix64 seeding) and the generator
-//! (xoshiro256++, from `rand_xoshiro`, whose output sequence is fixed by its reference
-//! implementation) are part of the file format: changing either changes every recording.
+//! derivation (FNV-1a over the key bytes, a SplitMix64 finalizer, then `rand`'s documented
+//! `seed_from_u64`) and the generator (PCG64 MCG, O'Neill's `pcg64_fast`, from `rand_pcg`) are
+//! part of the file format: changing either changes every recording. PCG64 MCG was chosen over
+//! xoshiro256++ for its 16 bytes of state at the same speed (a million devices with two sensors
+//! each must fit in 512 MiB; see BENCHMARKS.md).
 
-use rand_xoshiro::Xoshiro256PlusPlus;
-use rand_xoshiro::rand_core::{Rng, SeedableRng};
+use rand::{Rng, SeedableRng};
+use rand_pcg::Pcg64Mcg;
 
 use crate::normal;
 
@@ -38,10 +40,10 @@ pub fn mix(seed: u64, key: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// One seeded random stream (32 bytes of state).
+/// One seeded random stream (16 bytes of state).
 #[derive(Clone, Debug)]
 pub struct Stream {
-    rng: Xoshiro256PlusPlus,
+    rng: Pcg64Mcg,
 }
 
 impl Stream {
@@ -53,7 +55,7 @@ impl Stream {
     /// A stream from an already mixed 64-bit seed.
     pub fn from_seed_u64(seed: u64) -> Self {
         Self {
-            rng: Xoshiro256PlusPlus::seed_from_u64(seed),
+            rng: Pcg64Mcg::seed_from_u64(seed),
         }
     }
 

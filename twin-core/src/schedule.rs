@@ -2,15 +2,13 @@
 
 use bevy_ecs::schedule::{IntoScheduleConfigs, Schedule, SingleThreadedExecutor, SystemSet};
 
-use crate::systems::{devices, sample, storyboard, uplink};
+use crate::systems::{sample, storyboard, uplink};
 
 /// The phases of a step, in order.
 #[derive(SystemSet, Debug, Clone, PartialEq, Eq, Hash)]
 pub enum StepSet {
     /// Storyboard events due now start or end.
     Storyboard,
-    /// Devices publish the state sensors read.
-    Publish,
     /// Sensors produce their readings (parallel across sensors).
     Sample,
     /// (Room for on-device inference over completed windows: the next issue.)
@@ -22,14 +20,13 @@ pub enum StepSet {
 }
 
 /// Builds the step schedule. The schedule itself runs on one thread (the world's owner);
-/// only [`sample::sample_sensors`] fans out, over disjoint sensors.
+/// only [`sample::sample_sensors`] fans out, over disjoint devices.
 pub fn step_schedule() -> Schedule {
     let mut schedule = Schedule::default();
     schedule.set_executor(SingleThreadedExecutor::new());
     schedule.configure_sets(
         (
             StepSet::Storyboard,
-            StepSet::Publish,
             StepSet::Sample,
             StepSet::Infer,
             StepSet::Uplink,
@@ -39,7 +36,6 @@ pub fn step_schedule() -> Schedule {
     );
     schedule.add_systems((
         storyboard::apply_due_events.in_set(StepSet::Storyboard),
-        devices::publish_device_table.in_set(StepSet::Publish),
         sample::sample_sensors.in_set(StepSet::Sample),
         uplink::forward_uplink.in_set(StepSet::Uplink),
         uplink::measure_staleness.in_set(StepSet::Observe),

@@ -78,6 +78,14 @@ impl WindowAcc {
         self.last = last;
     }
 
+    /// Starts a new window; `last` (the last reading ever) is kept.
+    pub fn reset(&mut self) {
+        *self = Self {
+            last: self.last,
+            ..Self::default()
+        };
+    }
+
     /// The window's summary (what a device in summary mode uploads).
     pub fn summary(&self, shift: f64) -> WindowSummary {
         if self.count == 0 {

@@ -10,6 +10,8 @@ pub mod raw;
 mod template;
 mod validate;
 
+pub use validate::fill_filter;
+
 use std::fmt;
 use std::ops::Range;
 

@@ -824,7 +824,7 @@ fn validate_replay(
 }
 
 /// Fills a replay filter template for one device and sensor.
-pub(crate) fn fill_filter(template: &str, device_id: &str, sensor: &str, group: &str) -> String {
+pub fn fill_filter(template: &str, device_id: &str, sensor: &str, group: &str) -> String {
     template
         .replace("{id}", device_id)
         .replace("{sensor}", sensor)

@@ -1,7 +1,6 @@
 //! Systems: the verbs of a simulation step. Their order is decided in one place,
 //! [`crate::schedule`].
 
-pub mod devices;
 pub mod sample;
 pub mod storyboard;
 pub mod uplink;

@@ -1,83 +1,77 @@
-//! `sample_sensors`: every sensor produces all the readings that fall inside the step, in
-//! blocks, in parallel across sensors.
+//! `sample_sensors`: every sensor of every device produces all the readings that fall inside
+//! the step, in blocks, in parallel across devices.
 //!
-//! A sensor's work depends only on its own state, its spec and its device's published row, so
-//! the pass is parallel and its results do not depend on the number of threads. The step is cut
-//! at the device's window boundaries (a window closes exactly on its boundary); inside a
-//! segment, readings are generated [`BLOCK`] at a time: generate, noise, faults, clamp,
-//! quantize, dropout, accumulate, each a tight loop over the block.
+//! A device's work depends only on its own components and the scenario, so the pass is
+//! parallel and its results do not depend on the number of threads. The step is cut at the
+//! device's window boundaries (a window closes exactly on its boundary); inside a segment,
+//! readings are generated [`BLOCK`] at a time: generate, noise, faults, clamp, quantize,
+//! dropout, accumulate, each a tight loop over the block.
+
+use std::cell::RefCell;
 
 use bevy_ecs::batching::BatchingStrategy;
-use bevy_ecs::change_detection::Mut;
 use bevy_ecs::system::{Query, Res};
 
 use crate::components::{
-    DeviceRow, DeviceTable, Recorder, Recording, ReplayCursor, ScenarioSpec, Sensor, SensorFaults, SensorState,
-    SensorStats, StepOutput,
+    DeviceState, Recorder, ReplayCursor, ReplayCursors, ScenarioSpec, SensorFaults, SensorSlot, Sensors, StepOutput,
 };
-use crate::fault;
+use crate::fault::{self, ActiveFault};
 use crate::scenario::{SensorSpec, UploadMode};
-use crate::signal::{BLOCK, Block};
+use crate::signal::{BLOCK, Block, Signal};
 use crate::time::{NANOS_PER_SECOND, SimClock};
 
-/// The sensors the sampling pass visits.
-pub type SensorQuery<'w, 's> = Query<
+/// The devices the sampling pass visits.
+pub type DeviceQuery<'w, 's> = Query<
     'w,
     's,
     (
-        &'static Sensor,
-        &'static mut SensorState,
-        &'static mut SensorStats,
+        &'static mut DeviceState,
+        &'static mut Sensors,
         Option<&'static mut SensorFaults>,
-        Option<&'static mut ReplayCursor>,
+        Option<&'static mut ReplayCursors>,
         Option<&'static mut Recorder>,
     ),
 >;
 
-/// Samples every sensor over the current step.
-pub fn sample_sensors(
-    clock: Res<SimClock>,
-    scenario: Res<ScenarioSpec>,
-    devices: Res<DeviceTable>,
-    recording: Res<Recording>,
-    mut sensors: SensorQuery,
-) {
-    let context = StepContext {
-        now: clock.now,
-        end: clock.step_end,
-        devices: &devices.0,
-        recording: recording.0,
-    };
-    let specs = &scenario.0.sensors;
-    sensors
-        .par_iter_mut()
-        .batching_strategy(BatchingStrategy::new().min_batch_size(512))
-        .for_each_init(Block::new, |block, (sensor, state, stats, faults, cursor, recorder)| {
-            let spec = &specs[sensor.spec as usize];
-            let row = &context.devices[sensor.device as usize];
-            let mut work = SensorWork {
-                spec,
-                row,
-                state: state.into_inner(),
-                stats: stats.into_inner(),
-                faults,
-                recorder: recorder.map(Mut::into_inner),
-                block,
-            };
-            work.run_step(&context, cursor);
-        });
+thread_local! {
+    /// Each worker's block scratch, reused across devices and steps.
+    static BLOCK_SCRATCH: RefCell<Box<Block>> = RefCell::new(Block::new());
 }
 
-/// What every sensor's step shares.
-pub struct StepContext<'a> {
-    /// Step start (ns).
-    pub now: u64,
-    /// Step end (ns, exclusive).
-    pub end: u64,
-    /// Published device rows.
-    pub devices: &'a [DeviceRow],
-    /// Keep readings for the recording.
-    pub recording: bool,
+/// Samples every sensor of every device over the current step.
+pub fn sample_sensors(clock: Res<SimClock>, scenario: Res<ScenarioSpec>, mut devices: DeviceQuery) {
+    let (now, end) = (clock.now, clock.step_end);
+    let specs = &scenario.0.sensors;
+    devices
+        .par_iter_mut()
+        .batching_strategy(BatchingStrategy::new().min_batch_size(256))
+        .for_each(|(mut state, mut sensors, mut faults, mut cursors, mut recorder)| {
+            BLOCK_SCRATCH.with_borrow_mut(|block| {
+                let state = &mut *state;
+                state.step = StepOutput {
+                    newest: f64::NEG_INFINITY,
+                    ..StepOutput::default()
+                };
+                for (slot_index, slot) in sensors.0.iter_mut().enumerate() {
+                    let mut work = SensorWork {
+                        spec: &specs[slot.spec as usize],
+                        device: state,
+                        slot,
+                        faults: faults
+                            .as_deref_mut()
+                            .and_then(|f| f.0.get_mut(slot_index))
+                            .filter(|f| !f.is_empty()),
+                        recorder: recorder.as_deref_mut().and_then(|r| r.0.get_mut(slot_index)),
+                        block,
+                    };
+                    let cursor = cursors
+                        .as_deref_mut()
+                        .and_then(|c| c.0.get_mut(slot_index))
+                        .and_then(Option::as_mut);
+                    work.run_step(now, end, cursor);
+                }
+            });
+        });
 }
 
 /// The smallest sample index `k` with `k / rate >= t`.
@@ -98,25 +92,20 @@ pub fn first_index_at(t_ns: u64, rate_hz: f64) -> u64 {
 
 struct SensorWork<'a> {
     spec: &'a SensorSpec,
-    row: &'a DeviceRow,
-    state: &'a mut SensorState,
-    stats: &'a mut SensorStats,
-    faults: Option<Mut<'a, SensorFaults>>,
-    recorder: Option<&'a mut Recorder>,
+    device: &'a mut DeviceState,
+    slot: &'a mut SensorSlot,
+    faults: Option<&'a mut Vec<ActiveFault>>,
+    recorder: Option<&'a mut Vec<f64>>,
     block: &'a mut Block,
 }
 
 impl SensorWork<'_> {
-    fn run_step(&mut self, context: &StepContext<'_>, mut cursor: Option<Mut<'_, ReplayCursor>>) {
-        self.state.step = StepOutput {
-            newest: f64::NEG_INFINITY,
-            ..StepOutput::default()
-        };
-        let window = self.row.window.max(1);
-        let mut segment_start = context.now;
-        while segment_start < context.end {
+    fn run_step(&mut self, now: u64, end: u64, mut cursor: Option<&mut ReplayCursor>) {
+        let window = self.device.uplink.window.0.max(1);
+        let mut segment_start = now;
+        while segment_start < end {
             let boundary = (segment_start / window + 1) * window;
-            let segment_end = boundary.min(context.end);
+            let segment_end = boundary.min(end);
             match cursor.as_deref_mut() {
                 Some(cursor) => self.replay_segment(cursor, segment_start, segment_end),
                 None => self.periodic_segment(segment_end),
@@ -131,19 +120,18 @@ impl SensorWork<'_> {
     fn periodic_segment(&mut self, segment_end: u64) {
         let rate = self.spec.rate_hz;
         let end_index = first_index_at(segment_end, rate);
-        if !self.row.online {
-            self.state.next_index = self.state.next_index.max(end_index);
+        if !self.device.online {
+            self.slot.next_index = self.slot.next_index.max(end_index);
             return;
         }
-        while self.state.next_index < end_index {
-            let first = self.state.next_index;
+        while self.slot.next_index < end_index {
+            let first = self.slot.next_index;
             let n = ((end_index - first) as usize).min(BLOCK);
             self.spec
                 .signal
-                .generate(&mut self.state.level, &mut self.state.stream, first, self.block, n);
+                .generate(&mut self.slot.level, &mut self.slot.stream, first, self.block, n);
             let times = &mut self.block.times;
-            let needs_times = self.faults.is_some() || self.recorder.is_some();
-            if needs_times {
+            if self.faults.is_some() || self.recorder.is_some() {
                 for (i, t) in times[..n].iter_mut().enumerate() {
                     *t = (first + i as u64) as f64 / rate;
                 }
@@ -151,7 +139,7 @@ impl SensorWork<'_> {
                 times[n - 1] = (first + n as u64 - 1) as f64 / rate;
             }
             self.finish_block(n);
-            self.state.next_index = first + n as u64;
+            self.slot.next_index = first + n as u64;
         }
     }
 
@@ -160,7 +148,7 @@ impl SensorWork<'_> {
         let end_s = segment_end as f64 / NANOS_PER_SECOND as f64;
         let dims = self.spec.dims;
         let series = cursor.series.clone();
-        let looping = matches!(&self.spec.signal, crate::signal::Signal::Replay(r) if r.looping);
+        let looping = matches!(&self.spec.signal, Signal::Replay(r) if r.looping);
         loop {
             let mut n = 0;
             while n < BLOCK {
@@ -175,7 +163,7 @@ impl SensorWork<'_> {
                 if t >= end_s {
                     break;
                 }
-                if t >= start_s && self.row.online {
+                if t >= start_s && self.device.online {
                     for channel in 0..dims {
                         self.block.values[channel][n] = series.values[cursor.row * dims + channel];
                     }
@@ -201,14 +189,14 @@ impl SensorWork<'_> {
         if spec.noise > 0.0 {
             for channel in self.block.values.iter_mut().take(dims) {
                 let noise = &mut self.block.scratch[..n];
-                self.state.stream.fill_normal(noise);
+                self.slot.stream.fill_normal(noise);
                 for (v, z) in channel[..n].iter_mut().zip(noise.iter()) {
                     *v += spec.noise * z;
                 }
             }
         }
         if let Some(faults) = self.faults.as_deref_mut() {
-            fault::apply_values(&mut faults.0, self.block, dims, n);
+            fault::apply_values(faults, self.block, dims, n);
         }
         if let Some((low, high)) = spec.clamp {
             for channel in self.block.values.iter_mut().take(dims) {
@@ -231,29 +219,27 @@ impl SensorWork<'_> {
             }
         }
         let kept = match self.faults.as_deref_mut() {
-            Some(faults) => fault::apply_dropout(&mut faults.0, self.block, dims, n),
+            Some(faults) => fault::apply_dropout(faults, self.block, dims, n),
             None => n,
         };
         if kept == 0 {
             return;
         }
-        for (channel, stats) in self.stats.channels.iter_mut().enumerate() {
-            let values = &self.block.values[channel][..kept];
-            stats.window.add_block(values, spec.shift);
-            stats.last = values[kept - 1];
+        for (channel, stats) in self.slot.channels.as_mut_slice().iter_mut().enumerate() {
+            stats.window.add_block(&self.block.values[channel][..kept], spec.shift);
         }
-        let step = &mut self.state.step;
+        let step = &mut self.device.step;
         step.samples += kept as u32;
-        step.newest = self.block.times[kept - 1];
-        if self.row.mode == UploadMode::Raw {
+        step.newest = step.newest.max(self.block.times[kept - 1]);
+        if self.device.uplink.mode == UploadMode::Raw {
             step.raw_messages += kept as u32;
-            step.raw_bytes += kept as u64 * u64::from(spec.raw_message_bytes(self.row.overhead_bytes));
+            step.raw_bytes += kept as u64 * u64::from(spec.raw_message_bytes(self.device.uplink.overhead_bytes));
         }
         if let Some(recorder) = self.recorder.as_deref_mut() {
             for i in 0..kept {
-                recorder.0.push(self.row.skew.device_time(self.block.times[i]));
+                recorder.push(self.device.skew.device_time(self.block.times[i]));
                 for channel in 0..dims {
-                    recorder.0.push(self.block.values[channel][i]);
+                    recorder.push(self.block.values[channel][i]);
                 }
             }
         }
@@ -261,9 +247,9 @@ impl SensorWork<'_> {
 
     fn close_window(&mut self) {
         let shift = self.spec.shift;
-        for channel in &mut self.stats.channels {
+        for channel in self.slot.channels.as_mut_slice() {
             channel.total.merge_window(&channel.window, shift);
-            channel.window = Default::default();
+            channel.window.reset();
         }
     }
 }

@@ -3,8 +3,9 @@
 
 use bevy_ecs::resource::Resource;
 use bevy_ecs::world::World;
+use smallvec::SmallVec;
 
-use crate::components::{ClockSkew, EdgeBuffer, Power, ScenarioSpec, SensorFaults, SensorStats, Topology, Uplink};
+use crate::components::{ClockSkew, DeviceState, EdgeBuffer, ScenarioSpec, SensorFaults, Sensors, Topology};
 use crate::fault::{ActiveFault, SensorFault};
 use crate::metrics::{EventLog, Metrics};
 use crate::rng::Stream;
@@ -68,19 +69,18 @@ pub fn apply_due_events(world: &mut World) {
         world.resource_mut::<Storyboard>().applied += 1;
         let scenario = world.resource::<ScenarioSpec>().0.clone();
         let event = &scenario.events[position];
-        let affected = match edge {
-            Edge::Start => start(world, &scenario, event, now),
-            Edge::End => {
-                end(world, &scenario, event);
-                continue;
+        match edge {
+            Edge::Start => {
+                let affected = start(world, &scenario, event, now);
+                let mut metrics = world.resource_mut::<Metrics>();
+                *metrics.fault_activations.entry(event.action.kind()).or_default() += affected;
+                metrics.events.push(EventLog {
+                    index: event.index,
+                    affected,
+                });
             }
-        };
-        let mut metrics = world.resource_mut::<Metrics>();
-        *metrics.fault_activations.entry(event.action.kind()).or_default() += affected;
-        metrics.events.push(EventLog {
-            index: event.index,
-            affected,
-        });
+            Edge::End => end(world, &scenario, event),
+        }
     }
 }
 
@@ -91,148 +91,176 @@ fn devices_of(event: &EventSpec) -> &[u32] {
     }
 }
 
+/// Applies `change` to the state of every targeted device; counts them per group.
+fn for_each_device(
+    world: &mut World,
+    scenario: &Scenario,
+    event: &EventSpec,
+    mut change: impl FnMut(&mut DeviceState, &mut Metrics, usize),
+) -> u64 {
+    let topology = world.resource::<Topology>().devices.clone();
+    let mut metrics = world.remove_resource::<Metrics>().unwrap_or_default();
+    let mut affected = 0;
+    for &device in devices_of(event) {
+        let group = scenario.group_of(device);
+        if let Some(mut state) = world.get_mut::<DeviceState>(topology[device as usize]) {
+            change(&mut state, &mut metrics, group);
+            affected += 1;
+        }
+    }
+    world.insert_resource(metrics);
+    affected
+}
+
 fn start(world: &mut World, scenario: &Scenario, event: &EventSpec, now: u64) -> u64 {
     let now_s = secs(now);
-    let topology = world.resource::<Topology>().clone();
-    let mut affected = 0;
     match &event.action {
         Action::SensorFault { sensor, fault } => {
-            for &device in devices_of(event) {
-                let group_index = scenario.group_of(device);
-                let group = &scenario.groups[group_index];
-                let device_id = group.device_id(device - group.first_device);
-                for (local, &entity) in topology.sensors_of(device).iter().enumerate() {
-                    let spec = &scenario.sensors[group.sensors.start + local];
-                    if sensor.as_ref().is_some_and(|name| name != &spec.name) {
-                        continue;
-                    }
-                    let mut stuck = [spec.shift; MAX_DIMS];
-                    if let SensorFault::Stuck { value } = fault {
-                        let stats = world.get::<SensorStats>(entity);
-                        for (channel, slot) in stuck.iter_mut().enumerate() {
-                            let last = stats.and_then(|s| s.channels.get(channel)).map_or(f64::NAN, |c| c.last);
-                            *slot = value.unwrap_or(if last.is_finite() { last } else { spec.shift });
-                        }
-                    }
-                    let stream = Stream::derive(
-                        scenario.seed,
-                        &[&device_id, &spec.name, "fault", &event.index.to_string()],
-                    );
-                    let active = ActiveFault {
-                        event: event.index,
-                        fault: fault.clone(),
-                        since: now_s,
-                        stuck,
-                        stream,
-                    };
-                    let mut entity_mut = world.entity_mut(entity);
-                    match entity_mut.get_mut::<SensorFaults>() {
-                        Some(mut faults) => faults.0.push(active),
-                        None => {
-                            entity_mut.insert(SensorFaults(vec![active]));
-                        }
-                    }
-                    affected += 1;
-                }
-                world.resource_mut::<Metrics>().groups[group_index].fault_activations += 1;
-            }
+            start_sensor_fault(world, scenario, event, sensor.as_deref(), fault, now_s)
         }
-        Action::Crash => {
-            for &device in devices_of(event) {
-                if let Some(mut power) = world.get_mut::<Power>(topology.devices[device as usize]) {
-                    power.online = false;
-                }
-                world.resource_mut::<Metrics>().groups[scenario.group_of(device)].fault_activations += 1;
-                affected += 1;
+        Action::Crash => for_each_device(world, scenario, event, |state, metrics, group| {
+            let group_metrics = &mut metrics.groups[group];
+            group_metrics.fault_activations += 1;
+            if state.online {
+                state.online = false;
+                group_metrics.offline_devices += 1;
             }
-        }
-        Action::ClockSkew { offset_s, ppm } => {
-            for &device in devices_of(event) {
-                if let Some(mut skew) = world.get_mut::<ClockSkew>(topology.devices[device as usize]) {
-                    *skew = ClockSkew {
-                        offset_s: *offset_s,
-                        ppm: *ppm,
-                        since_s: now_s,
-                    };
-                }
-                world.resource_mut::<Metrics>().groups[scenario.group_of(device)].fault_activations += 1;
-                affected += 1;
-            }
-        }
+        }),
+        Action::ClockSkew { offset_s, ppm } => for_each_device(world, scenario, event, |state, metrics, group| {
+            state.skew = ClockSkew {
+                offset_s: *offset_s,
+                ppm: *ppm,
+                since_s: now_s,
+            };
+            metrics.groups[group].fault_activations += 1;
+        }),
+        Action::Upload(spec) => for_each_device(world, scenario, event, |state, _, _| state.uplink = *spec),
         Action::Partition => {
-            if let Target::Gateway(g) = event.target {
-                if let Some(mut buffer) = world.get_mut::<EdgeBuffer>(topology.gateways[usize::from(g)]) {
-                    buffer.partitioned = true;
+            let Target::Gateway(g) = event.target else { return 0 };
+            let entity = world.resource::<Topology>().gateways[usize::from(g)];
+            if let Some(mut buffer) = world.get_mut::<EdgeBuffer>(entity) {
+                buffer.partitioned = true;
+            }
+            world.resource_mut::<Metrics>().gateways[usize::from(g)].partitions += 1;
+            1
+        }
+    }
+}
+
+fn start_sensor_fault(
+    world: &mut World,
+    scenario: &Scenario,
+    event: &EventSpec,
+    sensor: Option<&str>,
+    fault: &SensorFault,
+    now_s: f64,
+) -> u64 {
+    let topology = world.resource::<Topology>().devices.clone();
+    let mut affected = 0;
+    for &device in devices_of(event) {
+        let group_index = scenario.group_of(device);
+        let group = &scenario.groups[group_index];
+        let device_id = group.device_id(device - group.first_device);
+        let entity = topology[device as usize];
+        let mut new_faults: SmallVec<[(usize, ActiveFault); 2]> = SmallVec::new();
+        let Some(sensors) = world.get::<Sensors>(entity) else {
+            continue;
+        };
+        for (slot_index, slot) in sensors.0.iter().enumerate() {
+            let spec = &scenario.sensors[slot.spec as usize];
+            if sensor.is_some_and(|name| name != spec.name) {
+                continue;
+            }
+            let mut stuck = [spec.shift; MAX_DIMS];
+            if let SensorFault::Stuck { value } = fault {
+                for (channel, held) in stuck.iter_mut().enumerate() {
+                    let last = slot
+                        .channels
+                        .as_slice()
+                        .get(channel)
+                        .map_or(f64::NAN, |c| c.window.last);
+                    *held = value.unwrap_or(if last.is_finite() { last } else { spec.shift });
                 }
-                world.resource_mut::<Metrics>().gateways[usize::from(g)].partitions += 1;
-                affected = 1;
+            }
+            let stream = Stream::derive(
+                scenario.seed,
+                &[&device_id, &spec.name, "fault", &event.index.to_string()],
+            );
+            new_faults.push((
+                slot_index,
+                ActiveFault {
+                    event: event.index,
+                    fault: fault.clone(),
+                    since: now_s,
+                    stuck,
+                    stream,
+                },
+            ));
+        }
+        let slots = sensors.0.len();
+        affected += new_faults.len() as u64;
+        let mut entity_mut = world.entity_mut(entity);
+        if entity_mut.get::<SensorFaults>().is_none() {
+            entity_mut.insert(SensorFaults((0..slots).map(|_| Vec::new()).collect()));
+        }
+        if let Some(mut faults) = entity_mut.get_mut::<SensorFaults>() {
+            for (slot_index, active) in new_faults {
+                faults.0[slot_index].push(active);
             }
         }
-        Action::Upload(spec) => {
-            for &device in devices_of(event) {
-                if let Some(mut uplink) = world.get_mut::<Uplink>(topology.devices[device as usize]) {
-                    uplink.0 = *spec;
-                }
-                affected += 1;
-            }
-        }
+        world.resource_mut::<Metrics>().groups[group_index].fault_activations += 1;
     }
     affected
 }
 
 fn end(world: &mut World, scenario: &Scenario, event: &EventSpec) {
-    let topology = world.resource::<Topology>().clone();
     match &event.action {
         Action::SensorFault { .. } => {
+            let topology = world.resource::<Topology>().devices.clone();
             for &device in devices_of(event) {
-                for &entity in topology.sensors_of(device) {
-                    let mut entity_mut = world.entity_mut(entity);
-                    let now_empty = match entity_mut.get_mut::<SensorFaults>() {
-                        Some(mut faults) => {
-                            faults.0.retain(|f| f.event != event.index);
-                            faults.0.is_empty()
+                let mut entity_mut = world.entity_mut(topology[device as usize]);
+                let now_empty = match entity_mut.get_mut::<SensorFaults>() {
+                    Some(mut faults) => {
+                        for list in &mut faults.0 {
+                            list.retain(|f| f.event != event.index);
                         }
-                        None => false,
-                    };
-                    if now_empty {
-                        entity_mut.remove::<SensorFaults>();
+                        faults.is_empty()
                     }
+                    None => false,
+                };
+                if now_empty {
+                    entity_mut.remove::<SensorFaults>();
                 }
             }
         }
         Action::Crash => {
-            for &device in devices_of(event) {
-                if let Some(mut power) = world.get_mut::<Power>(topology.devices[device as usize]) {
-                    power.online = true;
+            for_each_device(world, scenario, event, |state, metrics, group| {
+                if !state.online {
+                    state.online = true;
+                    metrics.groups[group].offline_devices -= 1;
                 }
-            }
+            });
         }
         Action::ClockSkew { .. } => {
-            for &device in devices_of(event) {
-                if let Some(mut skew) = world.get_mut::<ClockSkew>(topology.devices[device as usize]) {
-                    *skew = ClockSkew::default();
-                }
-            }
+            for_each_device(world, scenario, event, |state, _, _| state.skew = ClockSkew::default());
+        }
+        Action::Upload(_) => {
+            for_each_device(world, scenario, event, |state, _, group| {
+                state.uplink = scenario.groups[group].upload
+            });
         }
         Action::Partition => {
             if let Target::Gateway(g) = event.target {
-                heal(world, scenario, &topology, g);
-            }
-        }
-        Action::Upload(_) => {
-            for &device in devices_of(event) {
-                let group = &scenario.groups[scenario.group_of(device)];
-                if let Some(mut uplink) = world.get_mut::<Uplink>(topology.devices[device as usize]) {
-                    uplink.0 = group.upload;
-                }
+                heal(world, scenario, g);
             }
         }
     }
 }
 
 /// Ends a partition: the backlog is delivered, and the cloud catches up with what it held.
-fn heal(world: &mut World, scenario: &Scenario, topology: &Topology, gateway: u16) {
-    let Some(mut buffer) = world.get_mut::<EdgeBuffer>(topology.gateways[usize::from(gateway)]) else {
+fn heal(world: &mut World, scenario: &Scenario, gateway: u16) {
+    let entity = world.resource::<Topology>().gateways[usize::from(gateway)];
+    let Some(mut buffer) = world.get_mut::<EdgeBuffer>(entity) else {
         return;
     };
     buffer.partitioned = false;

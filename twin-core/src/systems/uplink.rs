@@ -2,30 +2,22 @@
 //! (the cloud, a partitioned gateway's buffer, or lost), and how old the cloud's data is.
 //!
 //! Both run on the world's thread in device index order, so buffer admission (which device's
-//! messages still fit) is deterministic. Admission works per device and step: a device's
-//! messages of one step are admitted whole while they fit; when they do not, as many as fit
-//! are admitted counting each at the step's mean message size (the buffer rejects new data
-//! when full, like Greengrass stream manager's `RejectNewData`).
+//! messages still fit) and every float sum are deterministic. Admission works per device and
+//! step: a device's messages of one step are admitted whole while they fit; when they do not,
+//! as many as fit are admitted counting each at the step's mean message size (the buffer
+//! rejects new data when full, like Greengrass stream manager's `RejectNewData`).
 
 use bevy_ecs::resource::Resource;
 use bevy_ecs::system::{Query, Res, ResMut};
 
-use crate::components::{DeviceTable, EdgeBuffer, ScenarioSpec, Sensor, SensorState, Topology};
+use crate::components::{DeviceState, EdgeBuffer, ScenarioSpec, Topology};
 use crate::metrics::Metrics;
 use crate::scenario::UploadMode;
 use crate::time::{SimClock, secs};
 
-/// Per-device scratch and cloud-side view, indexed by global device index.
+/// The cloud's view per device, indexed by global device index.
 #[derive(Resource, Clone, Debug, Default)]
 pub struct UplinkState {
-    /// Messages produced this step.
-    pub messages: Vec<u64>,
-    /// Bytes produced this step.
-    pub bytes: Vec<u64>,
-    /// Newest reading produced this step.
-    pub newest: Vec<f64>,
-    /// Samples taken this step.
-    pub samples: Vec<u64>,
     /// Newest reading the cloud holds per device (simulated seconds).
     pub cloud_latest: Vec<f64>,
     /// Newest reading waiting in a gateway buffer per device.
@@ -38,10 +30,6 @@ impl UplinkState {
     /// Sized for `devices` devices.
     pub fn new(devices: usize, summary_entry_bytes: Vec<u64>) -> Self {
         Self {
-            messages: vec![0; devices],
-            bytes: vec![0; devices],
-            newest: vec![f64::NEG_INFINITY; devices],
-            samples: vec![0; devices],
             cloud_latest: vec![0.0; devices],
             buffered_newest: vec![f64::NEG_INFINITY; devices],
             summary_entry_bytes,
@@ -58,23 +46,14 @@ fn boundaries_in(now: u64, end: u64, window: u64) -> u64 {
 pub fn forward_uplink(
     clock: Res<SimClock>,
     scenario: Res<ScenarioSpec>,
-    devices: Res<DeviceTable>,
     topology: Res<Topology>,
-    sensors: Query<(&Sensor, &SensorState)>,
+    devices: Query<&DeviceState>,
     mut buffers: Query<&mut EdgeBuffer>,
     mut uplink: ResMut<UplinkState>,
     mut metrics: ResMut<Metrics>,
 ) {
     let uplink = &mut *uplink;
-    for (sensor, state) in &sensors {
-        let d = sensor.device as usize;
-        uplink.messages[d] += u64::from(state.step.raw_messages);
-        uplink.bytes[d] += state.step.raw_bytes;
-        uplink.samples[d] += u64::from(state.step.samples);
-        if state.step.newest > uplink.newest[d] {
-            uplink.newest[d] = state.step.newest;
-        }
-    }
+    let metrics = &mut *metrics;
     let scenario = &scenario.0;
     let now_s = secs(clock.now);
     for (g, &entity) in topology.gateways.iter().enumerate() {
@@ -82,35 +61,35 @@ pub fn forward_uplink(
             metrics.gateways[g].partitioned_seconds += clock.step_secs();
         }
     }
-    let metrics = &mut *metrics;
     for (gi, group) in scenario.groups.iter().enumerate() {
         let group_metrics = &mut metrics.groups[gi];
         let mut gateway_metrics = group.gateway.map(|g| &mut metrics.gateways[usize::from(g)]);
         let mut gateway_buffer = group
             .gateway
-            .map(|g| buffers.get_mut(topology.gateways[g as usize]).ok())
-            .flatten();
+            .and_then(|g| buffers.get_mut(topology.gateways[usize::from(g)]).ok());
         for d in group.first_device as usize..(group.first_device + group.count) as usize {
-            let row = &devices.0[d];
-            let mut messages = std::mem::take(&mut uplink.messages[d]);
-            let mut bytes = std::mem::take(&mut uplink.bytes[d]);
-            let mut newest = std::mem::replace(&mut uplink.newest[d], f64::NEG_INFINITY);
-            group_metrics.samples += std::mem::take(&mut uplink.samples[d]);
-            if row.mode == UploadMode::Summary {
-                let closes = if row.online {
-                    boundaries_in(clock.now, clock.step_end, row.window.max(1))
-                } else {
-                    0
-                };
-                messages = closes;
-                bytes = closes * (u64::from(row.overhead_bytes) + uplink.summary_entry_bytes[gi]);
-                group_metrics.summary.add(messages, bytes);
-                if closes > 0 {
-                    newest = newest.max(secs(clock.step_end / row.window.max(1) * row.window.max(1)));
+            let Ok(state) = devices.get(topology.devices[d]) else {
+                continue;
+            };
+            let step = state.step;
+            group_metrics.samples += u64::from(step.samples);
+            let window = state.uplink.window.0.max(1);
+            let (messages, bytes, newest) = match state.uplink.mode {
+                UploadMode::Raw => {
+                    group_metrics.raw.add(u64::from(step.raw_messages), step.raw_bytes);
+                    (u64::from(step.raw_messages), step.raw_bytes, step.newest)
                 }
-            } else {
-                group_metrics.raw.add(messages, bytes);
-            }
+                UploadMode::Summary => {
+                    let closes = if state.online {
+                        boundaries_in(clock.now, clock.step_end, window)
+                    } else {
+                        0
+                    };
+                    let bytes = closes * (u64::from(state.uplink.overhead_bytes) + uplink.summary_entry_bytes[gi]);
+                    group_metrics.summary.add(closes, bytes);
+                    (closes, bytes, secs(clock.step_end / window * window))
+                }
+            };
             if messages == 0 {
                 continue;
             }
@@ -130,14 +109,14 @@ pub fn forward_uplink(
                     group_metrics
                         .lost
                         .add(messages - admitted_messages, bytes - admitted_bytes);
-                    let Some(gateway_metrics) = gateway_metrics.as_deref_mut() else {
-                        continue;
-                    };
-                    gateway_metrics.buffered.add(admitted_messages, admitted_bytes);
-                    gateway_metrics
-                        .lost
-                        .add(messages - admitted_messages, bytes - admitted_bytes);
-                    gateway_metrics.peak_backlog_bytes = gateway_metrics.peak_backlog_bytes.max(buffer.backlog_bytes);
+                    if let Some(gateway_metrics) = gateway_metrics.as_deref_mut() {
+                        gateway_metrics.buffered.add(admitted_messages, admitted_bytes);
+                        gateway_metrics
+                            .lost
+                            .add(messages - admitted_messages, bytes - admitted_bytes);
+                        gateway_metrics.peak_backlog_bytes =
+                            gateway_metrics.peak_backlog_bytes.max(buffer.backlog_bytes);
+                    }
                     if admitted_messages > 0 {
                         let admitted_newest = if admitted_messages == messages { newest } else { now_s };
                         uplink.buffered_newest[d] = uplink.buffered_newest[d].max(admitted_newest);
@@ -159,7 +138,6 @@ pub fn forward_uplink(
 pub fn measure_staleness(
     clock: Res<SimClock>,
     scenario: Res<ScenarioSpec>,
-    devices: Res<DeviceTable>,
     uplink: Res<UplinkState>,
     mut metrics: ResMut<Metrics>,
 ) {
@@ -169,16 +147,14 @@ pub fn measure_staleness(
         let group_metrics = &mut metrics.groups[gi];
         let mut integral = 0.0;
         let mut max = group_metrics.staleness_max;
-        let mut offline = 0u64;
         for d in group.first_device as usize..(group.first_device + group.count) as usize {
             let staleness = end_s - uplink.cloud_latest[d];
             integral += staleness;
             max = if staleness > max { staleness } else { max };
-            offline += u64::from(!devices.0[d].online);
         }
         group_metrics.staleness_integral += integral * dt;
         group_metrics.staleness_max = max;
-        group_metrics.offline_device_seconds += offline as f64 * dt;
+        group_metrics.offline_device_seconds += group_metrics.offline_devices as f64 * dt;
     }
 }
 
