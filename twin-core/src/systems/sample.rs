@@ -212,9 +212,13 @@ impl SensorWork<'_> {
             }
         }
         if let Some(step) = spec.quantize {
+            // Divide by the inverse when it is a whole number (0.1 -> 10), so that quantized
+            // values are the nearest doubles to their decimals (70.1, not 70.10000000000001).
+            let inverse = 1.0 / step;
+            let exact_inverse = inverse.fract() == 0.0;
             for channel in self.block.values.iter_mut().take(dims) {
                 for v in channel[..n].iter_mut() {
-                    *v = (*v / step).round() * step;
+                    *v = if exact_inverse { (*v * inverse).round() / inverse } else { (*v / step).round() * step };
                 }
             }
         }
