@@ -64,7 +64,7 @@ impl Default for LoadOptions {
 /// Estimated resident bytes per device, without its sensors (measured: see BENCHMARKS.md).
 pub const ESTIMATED_BYTES_PER_DEVICE: u64 = 160;
 /// Estimated resident bytes per sensor.
-pub const ESTIMATED_BYTES_PER_SENSOR: u64 = 200;
+pub const ESTIMATED_BYTES_PER_SENSOR: u64 = 176;
 
 /// One problem in a scenario file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -345,7 +345,11 @@ impl Scenario {
         };
         let document = match toml::de::DeTable::parse(text) {
             Ok(document) => document,
-            Err(err) => return Err(error(vec![toml_problem(text, &err, String::new())])),
+            Err(err) => {
+                let mut problem = toml_problem(text, &err, String::new());
+                problem.message = format!("TOML syntax: {}", problem.message);
+                return Err(error(vec![problem]));
+            }
         };
         let deserializer = match toml::Deserializer::parse(text) {
             Ok(deserializer) => deserializer,

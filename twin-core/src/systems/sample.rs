@@ -218,7 +218,11 @@ impl SensorWork<'_> {
             let exact_inverse = inverse.fract() == 0.0;
             for channel in self.block.values.iter_mut().take(dims) {
                 for v in channel[..n].iter_mut() {
-                    *v = if exact_inverse { (*v * inverse).round() / inverse } else { (*v / step).round() * step };
+                    *v = if exact_inverse {
+                        (*v * inverse).round() / inverse
+                    } else {
+                        (*v / step).round() * step
+                    };
                 }
             }
         }
