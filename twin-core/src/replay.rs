@@ -87,6 +87,8 @@ pub struct ReplaySeries {
     pub values: Vec<f64>,
     /// Loop period in simulated seconds (span plus the last gap).
     pub period: f64,
+    /// Values per row.
+    pub dims: usize,
 }
 
 /// Rows of a file grouped by the values of the filter columns.
@@ -139,11 +141,11 @@ fn parse_number(column: &str, text: &str) -> Result<f64, String> {
 }
 
 /// Parses a replay file and groups its rows into series, as `spec` (whose `table` and `dims`
-/// are ignored) describes. Returns the table and the number of channels per sample.
+/// are ignored) describes. Rows of one series must all have the same number of values.
 ///
 /// # Errors
 /// The first malformed row (file and line named), or a file without usable rows.
-pub fn parse(spec: &ReplaySpec, text: &str) -> Result<(ReplayTable, usize), ReplayError> {
+pub fn parse(spec: &ReplaySpec, text: &str) -> Result<ReplayTable, ReplayError> {
     let rows = match spec.format {
         ReplayFormat::Csv => parse_csv(spec, text)?,
         ReplayFormat::Jsonl => parse_jsonl(spec, text)?,
@@ -154,24 +156,32 @@ pub fn parse(spec: &ReplaySpec, text: &str) -> Result<(ReplayTable, usize), Repl
             reason: "no data rows".into(),
         });
     }
-    let dims = rows[0].values.len();
     let mut grouped: HashMap<String, Vec<RawRow>> = HashMap::new();
     for row in rows {
-        if row.values.len() != dims {
-            return Err(ReplayError::Row {
-                file: spec.file.clone(),
-                line: row.line,
-                reason: format!("{} values where earlier rows have {dims}", row.values.len()),
-            });
+        let series = grouped.entry(row.key.clone()).or_default();
+        if let Some(first) = series.first() {
+            if first.values.len() != row.values.len() {
+                return Err(ReplayError::Row {
+                    file: spec.file.clone(),
+                    line: row.line,
+                    reason: format!(
+                        "{} values where line {} of the same series has {}",
+                        row.values.len(),
+                        first.line,
+                        first.values.len()
+                    ),
+                });
+            }
         }
-        grouped.entry(row.key.clone()).or_default().push(row);
+        series.push(row);
     }
     let mut table = ReplayTable::default();
     for (key, rows) in grouped {
+        let dims = rows[0].values.len();
         let series = build_series(spec, &rows, dims)?;
         table.series.insert(key, Arc::new(series));
     }
-    Ok((table, dims))
+    Ok(table)
 }
 
 fn build_series(spec: &ReplaySpec, rows: &[RawRow], dims: usize) -> Result<ReplaySeries, ReplayError> {
@@ -179,7 +189,10 @@ fn build_series(spec: &ReplaySpec, rows: &[RawRow], dims: usize) -> Result<Repla
         Origin::FirstRow => rows[0].time,
         Origin::At(t) => t,
     };
-    let mut series = ReplaySeries::default();
+    let mut series = ReplaySeries {
+        dims,
+        ..ReplaySeries::default()
+    };
     let mut previous_time = f64::NEG_INFINITY;
     for row in rows {
         if row.time < previous_time {
@@ -368,10 +381,9 @@ mod tests {
     #[test]
     fn csv_groups_maps_time_and_names_bad_lines() {
         let text = "timestamp,device,value\n10,a,1.5\n11,a,2.5\n12,a,3.5\n10,b,7\n";
-        let (table, dims) =
-            parse(&spec(ReplayFormat::Csv, vec![("device".into(), "{id}".into())]), text).expect("parses");
-        assert_eq!(dims, 1);
+        let table = parse(&spec(ReplayFormat::Csv, vec![("device".into(), "{id}".into())]), text).expect("parses");
         let a = &table.series["a"];
+        assert_eq!(a.dims, 1);
         // start_offset 1 s skips the first row; speed 2 halves the gaps.
         assert_eq!(a.times, vec![0.0, 0.5]);
         assert_eq!(a.values, vec![2.5, 3.5]);
@@ -386,9 +398,9 @@ mod tests {
         let mut s = spec(ReplayFormat::Jsonl, vec![]);
         s.start_offset = 0.0;
         s.speed = 1.0;
-        let (table, dims) = parse(&s, text).expect("parses");
-        assert_eq!(dims, 3);
+        let table = parse(&s, text).expect("parses");
         let series = &table.series[""];
+        assert_eq!(series.dims, 3);
         assert_eq!(series.times, vec![0.0, 4.0]);
         assert_eq!(series.period, 8.0);
         let err = parse(&s, "{\"timestamp\":1}\n").expect_err("missing value");

@@ -343,7 +343,7 @@ impl Signal {
     pub fn dims(&self) -> usize {
         match self {
             Self::Vibration(_) => 3,
-            Self::Replay(replay) => replay.columns.len(),
+            Self::Replay(replay) => replay.dims,
             _ => 1,
         }
     }

@@ -133,7 +133,8 @@ pub(super) fn validate(
     if !checker.problems.is_empty() {
         return Err(checker.problems);
     }
-    check_replay_coverage(&mut checker, &partial);
+    let mut partial = partial;
+    check_replay_coverage(&mut checker, &mut partial);
     let events = validate_storyboard(&mut checker, &raw.storyboard, &partial, &root.key("storyboard"));
     let mut scenario = Scenario { events, ..partial };
     scenario.criteria = validate_criteria(&mut checker, &raw.criteria, &scenario, &root.key("criteria"));
@@ -801,18 +802,7 @@ fn validate_replay(
         }
     };
     match replay::parse(&spec, &text) {
-        Ok((table, dims)) => {
-            if dims != 1 && dims != 3 {
-                checker.report(
-                    &path.key("columns"),
-                    format!(
-                        "rows of `{}` have {dims} values; a sensor has 1 or 3 channels",
-                        raw.file
-                    ),
-                );
-                return None;
-            }
-            spec.dims = dims;
+        Ok(table) => {
             spec.table = Arc::new(table);
             Some(Signal::Replay(Box::new(spec)))
         }
@@ -831,10 +821,13 @@ pub fn fill_filter(template: &str, device_id: &str, sensor: &str, group: &str) -
         .replace("{group}", group)
 }
 
-fn check_replay_coverage(checker: &mut Checker, scenario: &Scenario) {
+/// Every device of a replaying group must find rows in its file, all with the same number of
+/// values (1 or 3), which becomes the sensor's channel count.
+fn check_replay_coverage(checker: &mut Checker, scenario: &mut Scenario) {
     for (gi, group) in scenario.groups.iter().enumerate() {
-        for (local, sensor) in scenario.sensors[group.sensors.clone()].iter().enumerate() {
-            let Signal::Replay(replay) = &sensor.signal else {
+        for local in 0..group.sensors.len() {
+            let sensor = &mut scenario.sensors[group.sensors.start + local];
+            let Signal::Replay(replay) = &mut sensor.signal else {
                 continue;
             };
             let path = FieldPath::root()
@@ -842,8 +835,8 @@ fn check_replay_coverage(checker: &mut Checker, scenario: &Scenario) {
                 .index(gi)
                 .key("sensors")
                 .index(local)
-                .key("replay")
-                .key("filter");
+                .key("replay");
+            let mut dims = None;
             for ordinal in 0..group.count {
                 let id = group.device_id(ordinal);
                 let filled: Vec<String> = replay
@@ -852,8 +845,8 @@ fn check_replay_coverage(checker: &mut Checker, scenario: &Scenario) {
                     .map(|(_, t)| fill_filter(t, &id, &sensor.name, &group.name))
                     .collect();
                 let key = replay::series_key(filled.iter().map(String::as_str));
-                match replay.table.series.get(&key) {
-                    Some(series) if !series.times.is_empty() => {}
+                let series = match replay.table.series.get(&key) {
+                    Some(series) if !series.times.is_empty() => series,
                     _ => {
                         let wanted: Vec<String> = replay
                             .filter
@@ -861,22 +854,46 @@ fn check_replay_coverage(checker: &mut Checker, scenario: &Scenario) {
                             .zip(&filled)
                             .map(|((c, _), v)| format!("{c} = \"{v}\""))
                             .collect();
+                        let filter = if wanted.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            wanted.join(", ")
+                        };
                         checker.report(
-                            &path,
+                            &path.key("filter"),
+                            format!("no rows of `{}` for device `{id}` (filter {filter})", replay.file),
+                        );
+                        return;
+                    }
+                };
+                match dims {
+                    None => dims = Some(series.dims),
+                    Some(d) if d != series.dims => {
+                        checker.report(
+                            &path.key("file"),
                             format!(
-                                "no rows of `{}` for device `{id}` (filter {})",
-                                replay.file,
-                                if wanted.is_empty() {
-                                    "none".to_owned()
-                                } else {
-                                    wanted.join(", ")
-                                }
+                                "rows of `{}` for device `{id}` have {} values, other devices' have {d}",
+                                replay.file, series.dims
                             ),
                         );
                         return;
                     }
+                    Some(_) => {}
                 }
             }
+            let dims = dims.unwrap_or(1);
+            if dims != 1 && dims != 3 {
+                checker.report(
+                    &path.key("columns"),
+                    format!(
+                        "rows of `{}` have {dims} values; a sensor has 1 or 3 channels",
+                        replay.file
+                    ),
+                );
+                return;
+            }
+            replay.dims = dims;
+            sensor.dims = dims;
         }
     }
 }
