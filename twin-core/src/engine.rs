@@ -189,10 +189,10 @@ impl Simulation {
             return false;
         }
         let mut step_end = (clock.now + clock.tick).min(clock.end);
-        if let Some(edge) = next_edge {
-            if edge > clock.now {
-                step_end = step_end.min(edge);
-            }
+        if let Some(edge) = next_edge
+            && edge > clock.now
+        {
+            step_end = step_end.min(edge);
         }
         clock.step_end = step_end;
         self.schedule.run(&mut self.world);

@@ -13,7 +13,7 @@ use crate::rng::Stream;
 
 const LAYERS: usize = 256;
 /// Start of the tail (Marsaglia and Tsang's constants for 256 layers).
-const R: f64 = 3.654_152_885_361_008_8;
+const R: f64 = 3.654_152_885_361_009;
 /// Area of each layer.
 const V: f64 = 4.928_673_233_99e-3;
 /// Scale of the 24-bit signed position: positions lie in [-2^23, 2^23).

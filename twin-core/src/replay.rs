@@ -159,19 +159,19 @@ pub fn parse(spec: &ReplaySpec, text: &str) -> Result<ReplayTable, ReplayError> 
     let mut grouped: HashMap<String, Vec<RawRow>> = HashMap::new();
     for row in rows {
         let series = grouped.entry(row.key.clone()).or_default();
-        if let Some(first) = series.first() {
-            if first.values.len() != row.values.len() {
-                return Err(ReplayError::Row {
-                    file: spec.file.clone(),
-                    line: row.line,
-                    reason: format!(
-                        "{} values where line {} of the same series has {}",
-                        row.values.len(),
-                        first.line,
-                        first.values.len()
-                    ),
-                });
-            }
+        if let Some(first) = series.first()
+            && first.values.len() != row.values.len()
+        {
+            return Err(ReplayError::Row {
+                file: spec.file.clone(),
+                line: row.line,
+                reason: format!(
+                    "{} values where line {} of the same series has {}",
+                    row.values.len(),
+                    first.line,
+                    first.values.len()
+                ),
+            });
         }
         series.push(row);
     }

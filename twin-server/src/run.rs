@@ -96,10 +96,10 @@ pub fn run_scenario(scenario: Scenario, request: &RunRequest) -> Result<RunOutco
     while simulation.step() {
         if let Some(out) = recording.as_mut() {
             simulation.drain_recording(&mut |sample| {
-                if write_error.is_none() {
-                    if let Err(err) = write_sample(out, &sample) {
-                        write_error = Some(err);
-                    }
+                if write_error.is_none()
+                    && let Err(err) = write_sample(out, &sample)
+                {
+                    write_error = Some(err);
                 }
             });
         }

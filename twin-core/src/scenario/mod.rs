@@ -361,10 +361,10 @@ impl Scenario {
                 let path = serde_path(err.path());
                 let inner = err.into_inner();
                 let mut problem = toml_problem(text, &inner, path.to_string());
-                if inner.span().is_none() || problem.line == 1 && problem.column == 1 {
-                    if let Some(span) = locate(&document, &path) {
-                        (problem.line, problem.column) = line_column(text, span.start);
-                    }
+                if (inner.span().is_none() || problem.line == 1 && problem.column == 1)
+                    && let Some(span) = locate(&document, &path)
+                {
+                    (problem.line, problem.column) = line_column(text, span.start);
                 }
                 return Err(error(vec![problem]));
             }

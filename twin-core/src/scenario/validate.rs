@@ -99,13 +99,13 @@ pub(super) fn validate(
             format!("`{}` cannot name an output folder (no slashes)", meta.name),
         );
     }
-    if let Some(schema) = meta.schema {
-        if schema != 1 {
-            checker.report(
-                &root.key("meta").key("schema"),
-                format!("unsupported schema version {schema} (this build reads version 1)"),
-            );
-        }
+    if let Some(schema) = meta.schema
+        && schema != 1
+    {
+        checker.report(
+            &root.key("meta").key("schema"),
+            format!("unsupported schema version {schema} (this build reads version 1)"),
+        );
     }
 
     let clock = validate_clock(&mut checker, &raw.clock, &root.key("clock"));
@@ -388,19 +388,19 @@ fn check_duplicate_ids(checker: &mut Checker, groups: &[GroupSpec], path: &Field
         for ordinal in 0..group.count {
             let id = group.device_id(ordinal);
             let hash = stable_key(&[&id]);
-            if let Some(&(other_group, other_ordinal)) = seen.get(&hash) {
-                if groups[other_group].device_id(other_ordinal) == id {
-                    let message = if other_group == gi {
-                        format!("duplicate device id `{id}` within group `{}`", group.name)
-                    } else {
-                        format!(
-                            "duplicate device id `{id}`: also in group `{}` (fleet[{other_group}])",
-                            groups[other_group].name
-                        )
-                    };
-                    checker.report(&path.index(gi).key("id"), message);
-                    return;
-                }
+            if let Some(&(other_group, other_ordinal)) = seen.get(&hash)
+                && groups[other_group].device_id(other_ordinal) == id
+            {
+                let message = if other_group == gi {
+                    format!("duplicate device id `{id}` within group `{}`", group.name)
+                } else {
+                    format!(
+                        "duplicate device id `{id}`: also in group `{}` (fleet[{other_group}])",
+                        groups[other_group].name
+                    )
+                };
+                checker.report(&path.index(gi).key("id"), message);
+                return;
             }
             seen.insert(hash, (gi, ordinal));
         }

@@ -38,10 +38,10 @@ impl Storyboard {
         let mut edges = Vec::new();
         for (position, event) in scenario.events.iter().enumerate() {
             edges.push((event.at.0, Edge::Start, position));
-            if let Some(until) = event.until {
-                if until < scenario.clock.duration {
-                    edges.push((until.0, Edge::End, position));
-                }
+            if let Some(until) = event.until
+                && until < scenario.clock.duration
+            {
+                edges.push((until.0, Edge::End, position));
             }
         }
         edges.sort_unstable();
