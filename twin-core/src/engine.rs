@@ -210,10 +210,12 @@ impl Simulation {
     /// order, sensor by sensor, in time order.
     pub fn drain_recording(&mut self, sink: &mut dyn FnMut(RecordedSample<'_>)) {
         let scenario = self.scenario.clone();
-        let devices = self.world.resource::<Topology>().devices.clone();
+        let Some(topology) = self.world.remove_resource::<Topology>() else {
+            return;
+        };
         for group in &scenario.groups {
             for ordinal in 0..group.count {
-                let entity = devices[(group.first_device + ordinal) as usize];
+                let entity = topology.devices[(group.first_device + ordinal) as usize];
                 let Some(mut recorder) = self.world.get_mut::<Recorder>(entity) else {
                     continue;
                 };
@@ -235,12 +237,13 @@ impl Simulation {
                 }
             }
         }
+        self.world.insert_resource(topology);
     }
 
     /// Closes open windows and builds the report. Criteria are evaluated here.
     pub fn finish(mut self) -> Report {
         let scenario = self.scenario.clone();
-        let topology = self.world.resource::<Topology>().clone();
+        let topology = self.world.remove_resource::<Topology>().unwrap_or_default();
         // Per (sensor spec, channel) totals, merged in device index order.
         let mut totals: Vec<Vec<RunStats>> = scenario
             .sensors

@@ -277,3 +277,68 @@ fn metrics_lists_the_names_criteria_can_use() {
         assert!(names.lines().any(|l| l == name), "{name} missing");
     }
 }
+
+#[test]
+fn scaled_and_realtime_pacing_hold_simulated_time_to_the_wall_clock() {
+    // 200 simulated seconds at 100x take at least 2 wall seconds; virtual takes far less.
+    // (A lower bound on wall time is the pacing contract; no upper bound is asserted.)
+    let dir = tempfile::tempdir().expect("tempdir");
+    let scenario = "[meta]\nname = \"paced\"\n[clock]\nmode = \"scaled\"\nfactor = 100\nduration = \"200s\"\ntick = \"10s\"\n[[fleet]]\nname = \"g\"\ncount = 2\n[[fleet.sensors]]\nname = \"s\"\nrate_hz = 1.0\nconstant = { value = 1.0 }\n";
+    let path = dir.path().join("paced.toml");
+    std::fs::write(&path, scenario).expect("write");
+    let out = dir.path().join("out");
+    let output = twin(&[
+        "run",
+        &path.to_string_lossy(),
+        "--out",
+        &out.to_string_lossy(),
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    let timing: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("timing.json")).expect("timing"))
+            .expect("json");
+    assert!(
+        timing["wall_seconds"].as_f64().expect("wall") >= 2.0,
+        "{timing}"
+    );
+    // --clock virtual overrides the scenario's pacing: the same run, unpaced, same report.
+    let report_paced = std::fs::read(out.join("report.json")).expect("report");
+    let output = twin(&[
+        "run",
+        &path.to_string_lossy(),
+        "--clock",
+        "virtual",
+        "--out",
+        &out.to_string_lossy(),
+    ]);
+    assert_eq!(output.status.code(), Some(0));
+    assert_eq!(
+        std::fs::read(out.join("report.json")).expect("report"),
+        report_paced
+    );
+    // realtime: one simulated second per wall second.
+    let short = dir.path().join("short.toml");
+    std::fs::write(
+        &short,
+        scenario
+            .replace("duration = \"200s\"", "duration = \"1s\"")
+            .replace("tick = \"10s\"", "tick = \"250ms\""),
+    )
+    .expect("write");
+    let output = twin(&[
+        "run",
+        &short.to_string_lossy(),
+        "--clock",
+        "realtime",
+        "--out",
+        &out.to_string_lossy(),
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    let timing: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("timing.json")).expect("timing"))
+            .expect("json");
+    assert!(
+        timing["wall_seconds"].as_f64().expect("wall") >= 1.0,
+        "{timing}"
+    );
+}

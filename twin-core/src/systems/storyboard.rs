@@ -57,6 +57,9 @@ impl Storyboard {
 /// Applies every event edge due at the start of the current step.
 pub fn apply_due_events(world: &mut World) {
     let now = world.resource::<SimClock>().now;
+    let Some(topology) = world.remove_resource::<Topology>() else {
+        return;
+    };
     loop {
         let due = {
             let storyboard = world.resource::<Storyboard>();
@@ -71,7 +74,7 @@ pub fn apply_due_events(world: &mut World) {
         let event = &scenario.events[position];
         match edge {
             Edge::Start => {
-                let affected = start(world, &scenario, event, now);
+                let affected = start(world, &topology, &scenario, event, now);
                 let mut metrics = world.resource_mut::<Metrics>();
                 *metrics.fault_activations.entry(event.action.kind()).or_default() += affected;
                 metrics.events.push(EventLog {
@@ -79,9 +82,10 @@ pub fn apply_due_events(world: &mut World) {
                     affected,
                 });
             }
-            Edge::End => end(world, &scenario, event),
+            Edge::End => end(world, &topology, &scenario, event),
         }
     }
+    world.insert_resource(topology);
 }
 
 fn devices_of(event: &EventSpec) -> &[u32] {
@@ -94,16 +98,16 @@ fn devices_of(event: &EventSpec) -> &[u32] {
 /// Applies `change` to the state of every targeted device; counts them per group.
 fn for_each_device(
     world: &mut World,
+    topology: &Topology,
     scenario: &Scenario,
     event: &EventSpec,
     mut change: impl FnMut(&mut DeviceState, &mut Metrics, usize),
 ) -> u64 {
-    let topology = world.resource::<Topology>().devices.clone();
     let mut metrics = world.remove_resource::<Metrics>().unwrap_or_default();
     let mut affected = 0;
     for &device in devices_of(event) {
         let group = scenario.group_of(device);
-        if let Some(mut state) = world.get_mut::<DeviceState>(topology[device as usize]) {
+        if let Some(mut state) = world.get_mut::<DeviceState>(topology.devices[device as usize]) {
             change(&mut state, &mut metrics, group);
             affected += 1;
         }
@@ -112,13 +116,13 @@ fn for_each_device(
     affected
 }
 
-fn start(world: &mut World, scenario: &Scenario, event: &EventSpec, now: u64) -> u64 {
+fn start(world: &mut World, topology: &Topology, scenario: &Scenario, event: &EventSpec, now: u64) -> u64 {
     let now_s = secs(now);
     match &event.action {
         Action::SensorFault { sensor, fault } => {
-            start_sensor_fault(world, scenario, event, sensor.as_deref(), fault, now_s)
+            start_sensor_fault(world, topology, scenario, event, sensor.as_deref(), fault, now_s)
         }
-        Action::Crash => for_each_device(world, scenario, event, |state, metrics, group| {
+        Action::Crash => for_each_device(world, topology, scenario, event, |state, metrics, group| {
             let group_metrics = &mut metrics.groups[group];
             group_metrics.fault_activations += 1;
             if state.online {
@@ -126,19 +130,20 @@ fn start(world: &mut World, scenario: &Scenario, event: &EventSpec, now: u64) ->
                 group_metrics.offline_devices += 1;
             }
         }),
-        Action::ClockSkew { offset_s, ppm } => for_each_device(world, scenario, event, |state, metrics, group| {
-            state.skew = ClockSkew {
-                offset_s: *offset_s,
-                ppm: *ppm,
-                since_s: now_s,
-            };
-            metrics.groups[group].fault_activations += 1;
-        }),
-        Action::Upload(spec) => for_each_device(world, scenario, event, |state, _, _| state.uplink = *spec),
+        Action::ClockSkew { offset_s, ppm } => {
+            for_each_device(world, topology, scenario, event, |state, metrics, group| {
+                state.skew = ClockSkew {
+                    offset_s: *offset_s,
+                    ppm: *ppm,
+                    since_s: now_s,
+                };
+                metrics.groups[group].fault_activations += 1;
+            })
+        }
+        Action::Upload(spec) => for_each_device(world, topology, scenario, event, |state, _, _| state.uplink = *spec),
         Action::Partition => {
             let Target::Gateway(g) = event.target else { return 0 };
-            let entity = world.resource::<Topology>().gateways[usize::from(g)];
-            if let Some(mut buffer) = world.get_mut::<EdgeBuffer>(entity) {
+            if let Some(mut buffer) = world.get_mut::<EdgeBuffer>(topology.gateways[usize::from(g)]) {
                 buffer.partitioned = true;
             }
             world.resource_mut::<Metrics>().gateways[usize::from(g)].partitions += 1;
@@ -149,19 +154,19 @@ fn start(world: &mut World, scenario: &Scenario, event: &EventSpec, now: u64) ->
 
 fn start_sensor_fault(
     world: &mut World,
+    topology: &Topology,
     scenario: &Scenario,
     event: &EventSpec,
     sensor: Option<&str>,
     fault: &SensorFault,
     now_s: f64,
 ) -> u64 {
-    let topology = world.resource::<Topology>().devices.clone();
     let mut affected = 0;
     for &device in devices_of(event) {
         let group_index = scenario.group_of(device);
         let group = &scenario.groups[group_index];
         let device_id = group.device_id(device - group.first_device);
-        let entity = topology[device as usize];
+        let entity = topology.devices[device as usize];
         let mut new_faults: SmallVec<[(usize, ActiveFault); 2]> = SmallVec::new();
         let Some(sensors) = world.get::<Sensors>(entity) else {
             continue;
@@ -213,12 +218,11 @@ fn start_sensor_fault(
     affected
 }
 
-fn end(world: &mut World, scenario: &Scenario, event: &EventSpec) {
+fn end(world: &mut World, topology: &Topology, scenario: &Scenario, event: &EventSpec) {
     match &event.action {
         Action::SensorFault { .. } => {
-            let topology = world.resource::<Topology>().devices.clone();
             for &device in devices_of(event) {
-                let mut entity_mut = world.entity_mut(topology[device as usize]);
+                let mut entity_mut = world.entity_mut(topology.devices[device as usize]);
                 let now_empty = match entity_mut.get_mut::<SensorFaults>() {
                     Some(mut faults) => {
                         for list in &mut faults.0 {
@@ -234,7 +238,7 @@ fn end(world: &mut World, scenario: &Scenario, event: &EventSpec) {
             }
         }
         Action::Crash => {
-            for_each_device(world, scenario, event, |state, metrics, group| {
+            for_each_device(world, topology, scenario, event, |state, metrics, group| {
                 if !state.online {
                     state.online = true;
                     metrics.groups[group].offline_devices -= 1;
@@ -242,25 +246,26 @@ fn end(world: &mut World, scenario: &Scenario, event: &EventSpec) {
             });
         }
         Action::ClockSkew { .. } => {
-            for_each_device(world, scenario, event, |state, _, _| state.skew = ClockSkew::default());
+            for_each_device(world, topology, scenario, event, |state, _, _| {
+                state.skew = ClockSkew::default()
+            });
         }
         Action::Upload(_) => {
-            for_each_device(world, scenario, event, |state, _, group| {
+            for_each_device(world, topology, scenario, event, |state, _, group| {
                 state.uplink = scenario.groups[group].upload
             });
         }
         Action::Partition => {
             if let Target::Gateway(g) = event.target {
-                heal(world, scenario, g);
+                heal(world, topology, scenario, g);
             }
         }
     }
 }
 
 /// Ends a partition: the backlog is delivered, and the cloud catches up with what it held.
-fn heal(world: &mut World, scenario: &Scenario, gateway: u16) {
-    let entity = world.resource::<Topology>().gateways[usize::from(gateway)];
-    let Some(mut buffer) = world.get_mut::<EdgeBuffer>(entity) else {
+fn heal(world: &mut World, topology: &Topology, scenario: &Scenario, gateway: u16) {
+    let Some(mut buffer) = world.get_mut::<EdgeBuffer>(topology.gateways[usize::from(gateway)]) else {
         return;
     };
     buffer.partitioned = false;
