@@ -118,6 +118,7 @@ pub(super) fn validate(
         options.max_memory_bytes,
         &root.key("fleet"),
     );
+    check_counts_fit(&mut checker, &groups, &sensors, clock.tick, &root);
     let partial = Scenario {
         name: meta.name.clone(),
         description: meta.description.clone(),
@@ -362,6 +363,40 @@ fn validate_fleet(
         check_duplicate_ids(checker, &groups, path);
     }
     (groups, sensors)
+}
+
+/// Most readings one device may take in one step, or one channel in one window (counters are
+/// 32-bit).
+const MAX_READINGS: f64 = 1e9;
+
+/// Readings per step and per window must fit the engine's counters.
+fn check_counts_fit(
+    checker: &mut Checker,
+    groups: &[GroupSpec],
+    sensors: &[SensorSpec],
+    tick: SimDuration,
+    root: &FieldPath,
+) {
+    for (gi, group) in groups.iter().enumerate() {
+        let specs = sensors.get(group.sensors.clone()).unwrap_or_default();
+        let rate: f64 = specs.iter().map(|s| s.rate_hz).sum();
+        let per_step = rate * tick.as_secs_f64();
+        if per_step > MAX_READINGS {
+            checker.report(
+                &root.key("clock").key("tick"),
+                format!("a {tick} tick gives each device of group `{}` {per_step:.3e} readings per step, more than {MAX_READINGS:e}: use a shorter tick", group.name),
+            );
+        }
+        let fastest = specs.iter().map(|s| s.rate_hz).fold(0.0, f64::max);
+        let window = group.upload.window;
+        let per_window = fastest * window.as_secs_f64();
+        if per_window > MAX_READINGS {
+            checker.report(
+                &root.key("fleet").index(gi).key("upload").key("window"),
+                format!("a {window} window holds {per_window:.3e} readings of one sensor, more than {MAX_READINGS:e}"),
+            );
+        }
+    }
 }
 
 /// Human-readable size.
@@ -991,10 +1026,16 @@ fn validate_storyboard(
             actions.push((Action::Partition, "partition"));
         }
         if let Some(upload) = &event.upload {
-            actions.push((
-                Action::Upload(validate_upload(checker, Some(upload), &path.key("upload"))),
-                "upload",
-            ));
+            let spec = validate_upload(checker, Some(upload), &path.key("upload"));
+            let fastest = scenario.sensors.iter().map(|s| s.rate_hz).fold(0.0, f64::max);
+            if fastest * spec.window.as_secs_f64() > MAX_READINGS {
+                let message = format!(
+                    "a {} window holds more than {MAX_READINGS:e} readings of the fastest sensor",
+                    spec.window
+                );
+                checker.report(&path.key("upload").key("window"), message);
+            }
+            actions.push((Action::Upload(spec), "upload"));
         }
         if actions.len() != 1 {
             let found: Vec<&str> = actions.iter().map(|(_, k)| *k).collect();
