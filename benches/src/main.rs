@@ -64,10 +64,7 @@ fn scenario_for(dir: &Path, devices: u64) -> Result<PathBuf> {
         bail!("benches/scenarios/fleet-bench.toml no longer has `count = 100000`");
     }
     let path = dir.join(format!("fleet-bench-{devices}.toml"));
-    std::fs::write(
-        &path,
-        template.replace("count = 100000", &format!("count = {devices}")),
-    )?;
+    std::fs::write(&path, template.replace("count = 100000", &format!("count = {devices}")))?;
     Ok(path)
 }
 
@@ -108,10 +105,7 @@ fn run_numpy(args: &Args, devices: u64) -> Result<Value> {
         .output()
         .with_context(|| format!("running {} benches/numpy_fleet.py", args.python))?;
     if !output.status.success() {
-        bail!(
-            "numpy baseline failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        bail!("numpy baseline failed: {}", String::from_utf8_lossy(&output.stderr));
     }
     Ok(serde_json::from_slice(&output.stdout)?)
 }
@@ -171,8 +165,10 @@ fn main() -> Result<()> {
             1e9 / rate,
             peak / 1048576.0
         );
-        size_results.push(json!({ "devices": devices, "samples_per_second_1_thread": rate, "ns_per_sample": 1e9 / rate,
-            "peak_rss_bytes": peak, "peak_rss_bytes_per_device": peak / devices as f64 }));
+        size_results.push(
+            json!({ "devices": devices, "samples_per_second_1_thread": rate, "ns_per_sample": 1e9 / rate,
+            "peak_rss_bytes": peak, "peak_rss_bytes_per_device": peak / devices as f64 }),
+        );
     }
 
     let summary = json!({

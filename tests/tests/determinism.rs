@@ -74,12 +74,7 @@ fn faults_do_not_perturb_other_streams() {
     let early = |text: &str| {
         text.lines()
             .filter(|l| l.contains("\"a-3\""))
-            .filter(|l| {
-                serde_json::from_str::<serde_json::Value>(l).expect("json")["timestamp"]
-                    .as_f64()
-                    .expect("t")
-                    < 300.0
-            })
+            .filter(|l| common::reading(l)["timestamp"].as_f64().expect("t") < 300.0)
             .map(str::to_owned)
             .collect::<Vec<_>>()
     };

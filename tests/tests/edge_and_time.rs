@@ -43,20 +43,14 @@ vibration = { shaft_hz = 1.0, harmonics = [1.0] }
 "#;
     let (report, _) = run(scenario(text, &NoFiles), false);
     // raw: every reading is a message: 3 devices x 600 s x (2 + 10) Hz; bytes: overhead + 8 per channel.
-    assert_eq!(
-        metric(&report, "groups.raw.edge.raw.messages"),
-        (3 * 600 * 12) as f64
-    );
+    assert_eq!(metric(&report, "groups.raw.edge.raw.messages"), (3 * 600 * 12) as f64);
     assert_eq!(
         metric(&report, "groups.raw.edge.raw.bytes"),
         (3 * 600 * (2 * (20 + 8) + 10 * (20 + 24))) as f64
     );
     // summary: one message per device and closed window (600 / 90 = 6 full windows), each
     // overhead + per sensor 8 + 40 per channel: 20 + (8 + 40) + (8 + 120) = 196 bytes.
-    assert_eq!(
-        metric(&report, "groups.summary.edge.summary.messages"),
-        (5 * 6) as f64
-    );
+    assert_eq!(metric(&report, "groups.summary.edge.summary.messages"), (5 * 6) as f64);
     assert_eq!(
         metric(&report, "groups.summary.edge.summary.bytes"),
         (5 * 6 * 196) as f64
@@ -66,10 +60,7 @@ vibration = { shaft_hz = 1.0, harmonics = [1.0] }
         metric(&report, "edge.delivered.bytes"),
         metric(&report, "edge.total.bytes")
     );
-    assert_eq!(
-        metric(&report, "groups.summary.samples"),
-        (5 * 600 * 12) as f64
-    );
+    assert_eq!(metric(&report, "groups.summary.samples"), (5 * 600 * 12) as f64);
 }
 
 #[test]
@@ -106,10 +97,7 @@ partition = {}
     assert_eq!(metric(&report, "partition.buffered.messages"), 312.0);
     assert_eq!(metric(&report, "partition.lost.messages"), 400.0 - 312.0);
     assert_eq!(metric(&report, "partition.lost.bytes"), 12_800.0 - 9984.0);
-    assert_eq!(
-        metric(&report, "partition.backlog_delivered.messages"),
-        312.0
-    );
+    assert_eq!(metric(&report, "partition.backlog_delivered.messages"), 312.0);
     assert_eq!(metric(&report, "partition.backlog_remaining.messages"), 0.0);
     assert_eq!(metric(&report, "partition.peak_backlog_bytes"), 9984.0);
     assert_eq!(metric(&report, "gateways.gw.partitioned_seconds"), 100.0);
@@ -148,11 +136,7 @@ crash = {}
     let d1_times: Vec<f64> = recording
         .lines()
         .filter(|l| l.contains("\"d-1\""))
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).expect("json")["timestamp"]
-                .as_f64()
-                .expect("t")
-        })
+        .map(|l| common::reading(l)["timestamp"].as_f64().expect("t"))
         .collect();
     assert!(d1_times.iter().all(|t| *t < 25.0 || *t >= 65.0));
     assert_eq!(d1_times.first(), Some(&0.0));
@@ -181,31 +165,19 @@ sine = {{ amplitude = 2.0, period = "37s", phase_deg = 30.0, offset = 5.0 }}
     let (report, recording) = run(scenario(&text, &NoFiles), true);
     let times = recording
         .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).expect("json")["timestamp"]
-                .as_f64()
-                .expect("t")
-        })
+        .map(|l| common::reading(l)["timestamp"].as_f64().expect("t"))
         .collect();
     (report, times)
 }
 
 #[test]
 fn sensors_sample_at_their_own_rate_whatever_the_tick() {
-    for (rate, expected) in [
-        ("0.01", 10),
-        ("0.3", 300),
-        ("3.0", 3000),
-        ("1000.0", 1_000_000),
-    ] {
+    for (rate, expected) in [("0.01", 10), ("0.3", 300), ("3.0", 3000), ("1000.0", 1_000_000)] {
         let (fine, fine_times) = sample_times(rate, "1s");
         let (coarse, coarse_times) = sample_times(rate, "7m");
         assert_eq!(fine.run.samples, expected, "rate {rate}");
         assert_eq!(coarse.run.samples, expected, "rate {rate}");
-        assert_eq!(
-            fine_times, coarse_times,
-            "rate {rate}: sample times depend on the tick"
-        );
+        assert_eq!(fine_times, coarse_times, "rate {rate}: sample times depend on the tick");
         let rate: f64 = rate.parse().expect("rate");
         for (k, t) in fine_times.iter().enumerate().step_by(97) {
             assert_eq!(*t, k as f64 / rate, "sample {k} at rate {rate}");
@@ -233,11 +205,10 @@ sine = { amplitude = 2.5, period = "7.3s", phase_deg = 45.0, offset = -1.0 }
     let (_, recording) = run(scenario(text, &NoFiles), true);
     let mut checked = 0;
     for line in recording.lines() {
-        let value: serde_json::Value = serde_json::from_str(line).expect("json");
+        let value = common::reading(line);
         let t = value["timestamp"].as_f64().expect("t");
         let v = value["value"].as_f64().expect("v");
-        let exact =
-            -1.0 + 2.5 * (std::f64::consts::TAU * t / 7.3 + std::f64::consts::FRAC_PI_4).sin();
+        let exact = -1.0 + 2.5 * (std::f64::consts::TAU * t / 7.3 + std::f64::consts::FRAC_PI_4).sin();
         assert!((v - exact).abs() < 1e-12, "t = {t}: {v} vs {exact}");
         checked += 1;
     }
@@ -268,7 +239,7 @@ clock_skew = { offset_s = 2.0, ppm = 1000.0 }
     let (report, recording) = run(scenario(text, &NoFiles), true);
     assert_eq!(metric(&report, "faults.clock_skew"), 1.0);
     for line in recording.lines() {
-        let value: serde_json::Value = serde_json::from_str(line).expect("json");
+        let value = common::reading(line);
         let t = value["timestamp"].as_f64().expect("t");
         if value["device"] == "d-0" && t >= 100.0 {
             // Reading k (true time k s) for k >= 100 is stamped k + 2 + 0.001 (k - 100).

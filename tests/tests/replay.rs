@@ -65,7 +65,7 @@ replay = {{ file = "{recording_name}", filter = {{ device = "{{id}}", sensor = "
 fn streams(recording: &str) -> BTreeMap<(String, String), Vec<&str>> {
     let mut streams: BTreeMap<(String, String), Vec<&str>> = BTreeMap::new();
     for line in recording.lines() {
-        let value: serde_json::Value = serde_json::from_str(line).expect("json line");
+        let value = common::reading(line);
         let key = (
             value["device"].as_str().expect("device").to_owned(),
             value["sensor"].as_str().expect("sensor").to_owned(),
@@ -138,19 +138,11 @@ replay = { file = "data.csv", timestamp = "time", columns = ["reading"], filter 
     // minus the readings past the end (pass 6 starts at 9.0: 9.0, 9.5; 10.0 is excluded).
     let times: Vec<f64> = recording
         .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).expect("json")["timestamp"]
-                .as_f64()
-                .expect("t")
-        })
+        .map(|l| common::reading(l)["timestamp"].as_f64().expect("t"))
         .collect();
     let values: Vec<f64> = recording
         .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).expect("json")["value"]
-                .as_f64()
-                .expect("v")
-        })
+        .map(|l| common::reading(l)["value"].as_f64().expect("v"))
         .collect();
     assert_eq!(&times[..6], &[0.0, 0.5, 1.0, 1.5, 2.0, 2.5]);
     assert_eq!(&values[..6], &[2.0, 3.0, 4.0, 2.0, 3.0, 4.0]);
@@ -160,13 +152,7 @@ replay = { file = "data.csv", timestamp = "time", columns = ["reading"], filter 
 
 #[test]
 fn a_replay_filter_without_rows_is_refused() {
-    let files = MemoryFiles(
-        [(
-            "data.csv".to_owned(),
-            "timestamp,device,value\n0,a,1\n".to_owned(),
-        )]
-        .into(),
-    );
+    let files = MemoryFiles([("data.csv".to_owned(), "timestamp,device,value\n0,a,1\n".to_owned())].into());
     let text = r#"
 [meta]
 name = "csv"
@@ -180,8 +166,12 @@ id = "{index}"
 name = "v"
 replay = { file = "data.csv", filter = { device = "{id}" } }
 "#;
-    let err =
-        twin_core::Scenario::from_toml("t.toml", text, &files, twin_core::LoadOptions::default())
-            .expect_err("no rows for device 0");
-    assert!(err.to_string().contains("fleet[0].sensors[0].replay.filter: no rows of `data.csv` for device `0` (filter device = \"0\")"), "{err}");
+    let err = twin_core::Scenario::from_toml("t.toml", text, &files, twin_core::LoadOptions::default())
+        .expect_err("no rows for device 0");
+    assert!(
+        err.to_string().contains(
+            "fleet[0].sensors[0].replay.filter: no rows of `data.csv` for device `0` (filter device = \"0\")"
+        ),
+        "{err}"
+    );
 }

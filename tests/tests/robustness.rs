@@ -89,13 +89,9 @@ fn mutated_scenarios_never_panic() {
         [
             (
                 "data/compressors.jsonl".to_owned(),
-                std::fs::read_to_string(workspace().join("scenarios/data/compressors.jsonl"))
-                    .expect("recording"),
+                std::fs::read_to_string(workspace().join("scenarios/data/compressors.jsonl")).expect("recording"),
             ),
-            (
-                "data/malformed.csv".to_owned(),
-                "timestamp,value\n0,1\n".to_owned(),
-            ),
+            ("data/malformed.csv".to_owned(), "timestamp,value\n0,1\n".to_owned()),
         ]
         .into(),
     );
@@ -135,13 +131,8 @@ fn mutated_scenarios_never_panic() {
 
 #[test]
 fn mutated_replay_files_never_panic() {
-    let recording = std::fs::read_to_string(workspace().join("scenarios/data/compressors.jsonl"))
-        .expect("recording");
-    let recording: String = recording
-        .lines()
-        .take(40)
-        .map(|l| format!("{l}\n"))
-        .collect();
+    let recording = std::fs::read_to_string(workspace().join("scenarios/data/compressors.jsonl")).expect("recording");
+    let recording: String = recording.lines().take(40).map(|l| format!("{l}\n")).collect();
     let csv = "timestamp,device,value\n0,a,1.5\n1,a,2.5\n2,a,3.5\n";
     let scenario = |file: &str| {
         format!(
@@ -158,17 +149,9 @@ fn mutated_replay_files_never_panic() {
         let mutated = mutate(text, &mut rng);
         let files = MemoryFiles([(name.to_owned(), mutated.clone())].into());
         let outcome = catch_unwind(AssertUnwindSafe(|| {
-            Scenario::from_toml(
-                "replay.toml",
-                &scenario(name),
-                &files,
-                LoadOptions::default(),
-            )
-            .map(|s| common::run(s, false))
+            Scenario::from_toml("replay.toml", &scenario(name), &files, LoadOptions::default())
+                .map(|s| common::run(s, false))
         }));
-        assert!(
-            outcome.is_ok(),
-            "replay panicked (round {round}) on:\n{mutated}"
-        );
+        assert!(outcome.is_ok(), "replay panicked (round {round}) on:\n{mutated}");
     }
 }

@@ -37,11 +37,7 @@ fn every_shipped_scenario_runs_and_passes() {
                 )
             })
             .collect();
-        assert!(
-            failed.is_empty(),
-            "{name}: failing criteria:\n{}",
-            failed.join("\n")
-        );
+        assert!(failed.is_empty(), "{name}: failing criteria:\n{}", failed.join("\n"));
         assert!(report.run.samples > 0, "{name} produced no samples");
     }
 }

@@ -14,10 +14,7 @@ impl ScenarioFiles {
     /// Files relative to the folder holding `scenario_path`.
     pub fn beside(scenario_path: &Path) -> Self {
         Self {
-            base: scenario_path
-                .parent()
-                .map(Path::to_path_buf)
-                .unwrap_or_default(),
+            base: scenario_path.parent().map(Path::to_path_buf).unwrap_or_default(),
         }
     }
 }

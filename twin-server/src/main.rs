@@ -64,9 +64,7 @@ fn parse_pace(text: &str) -> Result<ClockMode, String> {
         "virtual" => Ok(ClockMode::Virtual),
         "realtime" => Ok(ClockMode::Realtime),
         _ => match text.strip_prefix("scaled:").map(str::parse::<f64>) {
-            Some(Ok(factor)) if factor > 0.0 && factor.is_finite() => {
-                Ok(ClockMode::Scaled { factor })
-            }
+            Some(Ok(factor)) if factor > 0.0 && factor.is_finite() => Ok(ClockMode::Scaled { factor }),
             _ => Err(format!(
                 "`{text}` is not virtual, realtime or scaled:FACTOR (FACTOR > 0)"
             )),
@@ -90,11 +88,7 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(err) => {
             let _ = err.print();
-            return ExitCode::from(if err.use_stderr() {
-                EXIT_INVALID
-            } else {
-                EXIT_OK
-            });
+            return ExitCode::from(if err.use_stderr() { EXIT_INVALID } else { EXIT_OK });
         }
     };
     ExitCode::from(match cli.command {
@@ -107,8 +101,7 @@ fn main() -> ExitCode {
             threads,
             max_memory,
         } => {
-            let threads = threads
-                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+            let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
             twin_core::init_threads(threads);
             let scenario = match load_scenario(&file, load_options(max_memory, seed)) {
                 Ok(s) => s,

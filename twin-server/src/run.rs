@@ -52,15 +52,9 @@ pub fn default_out_dir(scenario: &Scenario) -> PathBuf {
 /// # Errors
 /// Output files that cannot be written.
 pub fn run_scenario(scenario: Scenario, request: &RunRequest) -> Result<RunOutcome> {
-    std::fs::create_dir_all(&request.out_dir).with_context(|| {
-        format!(
-            "cannot create the output folder {}",
-            request.out_dir.display()
-        )
-    })?;
-    let recording_path = request
-        .record
-        .then(|| request.out_dir.join("recording.jsonl"));
+    std::fs::create_dir_all(&request.out_dir)
+        .with_context(|| format!("cannot create the output folder {}", request.out_dir.display()))?;
+    let recording_path = request.record.then(|| request.out_dir.join("recording.jsonl"));
     let mut recording = match &recording_path {
         Some(path) => Some(BufWriter::with_capacity(
             1 << 20,
@@ -71,22 +65,15 @@ pub fn run_scenario(scenario: Scenario, request: &RunRequest) -> Result<RunOutco
     let pace = request.pace.unwrap_or(scenario.clock.mode).pace();
     let build_started = Instant::now();
     let scenario = Arc::new(scenario);
-    let mut simulation = Simulation::new(
-        scenario.clone(),
-        RunOptions {
-            record: request.record,
-        },
-    );
+    let mut simulation = Simulation::new(scenario.clone(), RunOptions { record: request.record });
     let build_seconds = build_started.elapsed().as_secs_f64();
 
     let end = scenario.clock.duration.0;
     let bar = (request.progress && std::io::stderr().is_terminal()).then(|| {
         let bar = ProgressBar::new(end / 1_000_000);
         bar.set_style(
-            ProgressStyle::with_template(
-                "{spinner} {msg} [{bar:40}] {percent}% simulated, eta {eta}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ProgressStyle::with_template("{spinner} {msg} [{bar:40}] {percent}% simulated, eta {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         bar.set_message(scenario.name.clone());
         bar
@@ -151,8 +138,7 @@ pub fn run_scenario(scenario: Scenario, request: &RunRequest) -> Result<RunOutco
     let timing_path = request.out_dir.join("timing.json");
     let mut timing_json = serde_json::to_string_pretty(&timing).unwrap_or_default();
     timing_json.push('\n');
-    std::fs::write(&timing_path, timing_json)
-        .with_context(|| format!("cannot write {}", timing_path.display()))?;
+    std::fs::write(&timing_path, timing_json).with_context(|| format!("cannot write {}", timing_path.display()))?;
     Ok(RunOutcome {
         report,
         timing,

@@ -18,6 +18,11 @@ fn twin(args: &[&str]) -> Output {
         .expect("twin runs")
 }
 
+fn json_file(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|err| panic!("{}: {err}", path.display()))
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -46,19 +51,12 @@ fn every_invalid_scenario_is_refused_with_its_message_and_exit_2() {
             .expect("first line is `# expect: ...`");
         let output = twin(&["validate", &relative]);
         let stderr = text(&output.stderr);
-        assert_eq!(
-            output.status.code(),
-            Some(2),
-            "{relative}: exit code; stderr: {stderr}"
-        );
+        assert_eq!(output.status.code(), Some(2), "{relative}: exit code; stderr: {stderr}");
         assert!(
             stderr.contains(&format!("{relative}:{expected}")),
             "{relative}: expected `{relative}:{expected}` in:\n{stderr}"
         );
-        assert!(
-            !stderr.contains("panicked"),
-            "{relative} panicked: {stderr}"
-        );
+        assert!(!stderr.contains("panicked"), "{relative} panicked: {stderr}");
         // `run` refuses it the same way, before doing anything.
         let output = twin(&["run", &relative, "--out", "target/cli-test-invalid"]);
         assert_eq!(output.status.code(), Some(2), "{relative}: run exit code");
@@ -81,28 +79,16 @@ fn validate_accepts_every_shipped_scenario() {
     }
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let output = twin(&refs);
+    assert_eq!(output.status.code(), Some(0), "stderr: {}", text(&output.stderr));
     assert_eq!(
-        output.status.code(),
-        Some(0),
-        "stderr: {}",
-        text(&output.stderr)
-    );
-    assert_eq!(
-        text(&output.stdout)
-            .lines()
-            .filter(|l| l.contains(": ok ("))
-            .count(),
+        text(&output.stdout).lines().filter(|l| l.contains(": ok (")).count(),
         args.len() - 1
     );
 }
 
 #[test]
 fn validate_with_one_bad_file_among_good_ones_exits_2() {
-    let output = twin(&[
-        "validate",
-        "scenarios/quickstart.toml",
-        "tests/invalid/zero-count.toml",
-    ]);
+    let output = twin(&["validate", "scenarios/quickstart.toml", "tests/invalid/zero-count.toml"]);
     assert_eq!(output.status.code(), Some(2));
     assert!(text(&output.stdout).contains("scenarios/quickstart.toml: ok"));
     assert!(text(&output.stderr).contains("fleet[1].count: must be at least 1, got 0"));
@@ -121,17 +107,11 @@ fn run_writes_report_and_timing_and_exits_0_when_criteria_pass() {
         text(&output.stderr)
     );
     assert!(stdout.contains("criteria: 5 passed, 0 failed"), "{stdout}");
-    let report: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(out.path().join("report.json")).expect("report"),
-    )
-    .expect("json");
+    let report = json_file(&out.path().join("report.json"));
     assert_eq!(report["scenario"], "quickstart");
     assert_eq!(report["passed"], true);
     assert_eq!(report["run"]["devices"], 100);
-    let timing: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(out.path().join("timing.json")).expect("timing"),
-    )
-    .expect("json");
+    let timing = json_file(&out.path().join("timing.json"));
     assert!(timing["wall_seconds"].as_f64().is_some_and(|s| s > 0.0));
     // Machine-dependent figures stay out of the report.
     assert!(report.get("wall_seconds").is_none() && report.to_string().find("wall").is_none());
@@ -142,29 +122,18 @@ fn a_failing_criterion_exits_1_and_is_listed_with_its_measured_value() {
     let dir = tempfile::tempdir().expect("tempdir");
     let scenario = std::fs::read_to_string(workspace().join("scenarios/quickstart.toml"))
         .expect("quickstart")
-        .replace(
-            "metric = \"faults.drift\"\neq = 6",
-            "metric = \"faults.drift\"\neq = 7",
-        );
+        .replace("metric = \"faults.drift\"\neq = 6", "metric = \"faults.drift\"\neq = 7");
     let path = dir.path().join("failing.toml");
     std::fs::write(&path, scenario).expect("write");
     let out_dir = dir.path().join("out");
-    let output = twin(&[
-        "run",
-        &path.to_string_lossy(),
-        "--out",
-        &out_dir.to_string_lossy(),
-    ]);
+    let output = twin(&["run", &path.to_string_lossy(), "--out", &out_dir.to_string_lossy()]);
     let stdout = text(&output.stdout);
     assert_eq!(output.status.code(), Some(1), "{stdout}");
     assert!(
         stdout.contains("FAIL the drift reached six pumps: faults.drift = 6 (expected == 7)"),
         "{stdout}"
     );
-    let report: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(out_dir.join("report.json")).expect("report"),
-    )
-    .expect("json");
+    let report = json_file(&out_dir.join("report.json"));
     assert_eq!(report["passed"], false);
 }
 
@@ -189,10 +158,7 @@ fn thread_count_does_not_change_a_byte_of_report_or_recording() {
         let recording = std::fs::read(out_dir.join("recording.jsonl")).expect("recording");
         outputs.push((report, recording));
     }
-    assert!(
-        outputs[0].1.len() > 1_000_000,
-        "the recording holds the run's readings"
-    );
+    assert!(outputs[0].1.len() > 1_000_000, "the recording holds the run's readings");
     assert!(
         outputs.iter().all(|o| o == &outputs[0]),
         "reports or recordings differ between thread counts"
@@ -205,14 +171,9 @@ fn seed_flag_changes_the_run_and_is_reported() {
     let a = dir.path().join("a");
     let b = dir.path().join("b");
     assert_eq!(
-        twin(&[
-            "run",
-            "scenarios/quickstart.toml",
-            "--out",
-            &a.to_string_lossy()
-        ])
-        .status
-        .code(),
+        twin(&["run", "scenarios/quickstart.toml", "--out", &a.to_string_lossy()])
+            .status
+            .code(),
         Some(0)
     );
     assert!(
@@ -256,8 +217,7 @@ fn bad_invocations_exit_2_with_a_message() {
     ]);
     assert_eq!(unwritable.status.code(), Some(2));
     assert!(
-        text(&unwritable.stderr)
-            .contains("cannot create the output folder /proc/twin-cannot-write-here"),
+        text(&unwritable.stderr).contains("cannot create the output folder /proc/twin-cannot-write-here"),
         "{}",
         text(&unwritable.stderr)
     );
@@ -287,20 +247,10 @@ fn scaled_and_realtime_pacing_hold_simulated_time_to_the_wall_clock() {
     let path = dir.path().join("paced.toml");
     std::fs::write(&path, scenario).expect("write");
     let out = dir.path().join("out");
-    let output = twin(&[
-        "run",
-        &path.to_string_lossy(),
-        "--out",
-        &out.to_string_lossy(),
-    ]);
+    let output = twin(&["run", &path.to_string_lossy(), "--out", &out.to_string_lossy()]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
-    let timing: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("timing.json")).expect("timing"))
-            .expect("json");
-    assert!(
-        timing["wall_seconds"].as_f64().expect("wall") >= 2.0,
-        "{timing}"
-    );
+    let timing: serde_json::Value = json_file(&out.join("timing.json"));
+    assert!(timing["wall_seconds"].as_f64().expect("wall") >= 2.0, "{timing}");
     // --clock virtual overrides the scenario's pacing: the same run, unpaced, same report.
     let report_paced = std::fs::read(out.join("report.json")).expect("report");
     let output = twin(&[
@@ -312,10 +262,7 @@ fn scaled_and_realtime_pacing_hold_simulated_time_to_the_wall_clock() {
         &out.to_string_lossy(),
     ]);
     assert_eq!(output.status.code(), Some(0));
-    assert_eq!(
-        std::fs::read(out.join("report.json")).expect("report"),
-        report_paced
-    );
+    assert_eq!(std::fs::read(out.join("report.json")).expect("report"), report_paced);
     // realtime: one simulated second per wall second.
     let short = dir.path().join("short.toml");
     std::fs::write(
@@ -334,11 +281,6 @@ fn scaled_and_realtime_pacing_hold_simulated_time_to_the_wall_clock() {
         &out.to_string_lossy(),
     ]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
-    let timing: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("timing.json")).expect("timing"))
-            .expect("json");
-    assert!(
-        timing["wall_seconds"].as_f64().expect("wall") >= 1.0,
-        "{timing}"
-    );
+    let timing: serde_json::Value = json_file(&out.join("timing.json"));
+    assert!(timing["wall_seconds"].as_f64().expect("wall") >= 1.0, "{timing}");
 }

@@ -38,11 +38,8 @@ pub fn scenario(text: &str, files: &dyn FileSource) -> Scenario {
 
 /// Loads a shipped scenario file.
 pub fn shipped(name: &str) -> Scenario {
-    twin_server::files::load_scenario(
-        &workspace().join("scenarios").join(name),
-        LoadOptions::default(),
-    )
-    .unwrap_or_else(|err| panic!("{err}"))
+    twin_server::files::load_scenario(&workspace().join("scenarios").join(name), LoadOptions::default())
+        .unwrap_or_else(|err| panic!("{err}"))
 }
 
 /// Runs to the end; returns the report and, when `record`, the recording as JSON Lines.
@@ -54,10 +51,7 @@ pub fn run(scenario: Scenario, record: bool) -> (Report, String) {
             twin_server::recording::write_sample(&mut recording, &sample).expect("in-memory write");
         });
     }
-    (
-        simulation.finish(),
-        String::from_utf8(recording).expect("utf-8"),
-    )
+    (simulation.finish(), String::from_utf8(recording).expect("utf-8"))
 }
 
 /// A metric of a report by dotted path.
@@ -66,4 +60,18 @@ pub fn metric(report: &Report, name: &str) -> f64 {
         .metrics()
         .get(name)
         .unwrap_or_else(|| panic!("no metric `{name}`"))
+}
+
+/// One line of a recording, parsed.
+pub fn reading(line: &str) -> serde_json::Value {
+    serde_json::from_str(line).unwrap_or_else(|err| panic!("not a recording line ({err}): {line}"))
+}
+
+/// The timestamps of a recording's lines that contain `filter` (all lines for `""`).
+pub fn timestamps(recording: &str, filter: &str) -> Vec<f64> {
+    recording
+        .lines()
+        .filter(|l| l.contains(filter))
+        .map(|l| reading(l)["timestamp"].as_f64().expect("timestamp"))
+        .collect()
 }
