@@ -2,6 +2,7 @@
 //! pieces of IO around the pure core (files, recordings, timing).
 
 pub mod files;
+pub mod models;
 pub mod recording;
 pub mod run;
 pub mod summary;

@@ -8,7 +8,7 @@ use twin_core::LoadOptions;
 use twin_core::time::ClockMode;
 use twin_server::files::load_scenario;
 use twin_server::run::{RunRequest, default_out_dir, run_scenario};
-use twin_server::{EXIT_CRITERIA_FAILED, EXIT_INVALID, EXIT_OK, summary};
+use twin_server::{EXIT_CRITERIA_FAILED, EXIT_INVALID, EXIT_OK, models, summary};
 
 /// Digital twin of an edge-AI fleet: run what-if scenarios far faster than real time.
 #[derive(Parser, Debug)]
@@ -56,6 +56,40 @@ enum Command {
     Metrics {
         /// Scenario file.
         file: PathBuf,
+    },
+    /// The model registry: list, inspect and run ONNX models (exit 2 on any error).
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ModelsCommand {
+    /// Every model version in the registry: aliases, file, sha256 (verified), inputs, outputs.
+    List {
+        /// Registry folder (holds manifest.json).
+        #[arg(long, default_value = models::DEFAULT_MODELS_DIR)]
+        dir: PathBuf,
+    },
+    /// Operators, shapes and metadata of an ONNX file, and whether tract can run it (exit 1 if not).
+    Inspect {
+        /// The .onnx file.
+        file: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a model: a JSON array of input rows in, a JSON array of output rows on stdout.
+    Run {
+        /// MODEL, MODEL@VERSION, MODEL@ALIAS, or a path to an .onnx file.
+        model: String,
+        /// JSON array of rows (each an array of numbers), or one row.
+        #[arg(long)]
+        input: String,
+        /// Registry folder (holds manifest.json).
+        #[arg(long, default_value = models::DEFAULT_MODELS_DIR)]
+        dir: PathBuf,
     },
 }
 
@@ -153,6 +187,7 @@ fn main() -> ExitCode {
             }
             if all_valid { EXIT_OK } else { EXIT_INVALID }
         }
+        Command::Models { command } => run_models(command),
         Command::Metrics { file } => match load_scenario(&file, LoadOptions::default()) {
             Ok(scenario) => {
                 for name in twin_core::report::metric_names(&scenario) {
@@ -166,4 +201,22 @@ fn main() -> ExitCode {
             }
         },
     })
+}
+
+fn run_models(command: ModelsCommand) -> u8 {
+    let outcome = match command {
+        ModelsCommand::List { dir } => models::list(&dir).map(|text| (text, true)),
+        ModelsCommand::Inspect { file, json } => models::inspect_file(&file, json),
+        ModelsCommand::Run { model, input, dir } => models::run(&model, &input, &dir).map(|text| (text, true)),
+    };
+    match outcome {
+        Ok((text, ok)) => {
+            print!("{text}");
+            if ok { EXIT_OK } else { EXIT_CRITERIA_FAILED }
+        }
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            EXIT_INVALID
+        }
+    }
 }

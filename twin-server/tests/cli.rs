@@ -284,3 +284,81 @@ fn scaled_and_realtime_pacing_hold_simulated_time_to_the_wall_clock() {
     let timing: serde_json::Value = json_file(&out.join("timing.json"));
     assert!(timing["wall_seconds"].as_f64().expect("wall") >= 1.0, "{timing}");
 }
+
+#[test]
+fn models_list_inspect_and_run() {
+    let list = twin(&["models", "list"]);
+    assert_eq!(list.status.code(), Some(0), "{}", text(&list.stderr));
+    let listing = text(&list.stdout);
+    assert!(listing.contains("vibration-anomaly@2 [champion]"), "{listing}");
+    assert_eq!(listing.matches("(sha256 ok)").count(), 4, "{listing}");
+
+    let inspect = twin(&["models", "inspect", "scenarios/models/digits-v1.onnx"]);
+    assert_eq!(inspect.status.code(), Some(0));
+    let description = text(&inspect.stdout);
+    assert!(
+        description.contains("input pixels: float [N, 64]") && description.contains("tract: runs it"),
+        "{description}"
+    );
+    let unsupported = twin(&["models", "inspect", "tests/models/skl2onnx-zipmap.onnx"]);
+    assert_eq!(unsupported.status.code(), Some(1));
+    assert!(
+        text(&unsupported.stdout)
+            .contains("tract: cannot run it: operator not supported by tract: ZipMap (ai.onnx.ml, node `ZipMap`)"),
+        "{}",
+        text(&unsupported.stdout)
+    );
+
+    let row = "[0.01, 0.0, -9.8, 0.4, 0.05, 0.05, 1.6, 0.2, 0.2]";
+    let run = twin(&[
+        "models",
+        "run",
+        "vibration-anomaly@2",
+        "--input",
+        &format!("[{row}, {row}]"),
+    ]);
+    assert_eq!(run.status.code(), Some(0), "{}", text(&run.stderr));
+    let rows: serde_json::Value = serde_json::from_str(&text(&run.stdout)).expect("json rows");
+    assert_eq!(rows.as_array().expect("array").len(), 2);
+    assert!(rows[0]["score"].as_f64().is_some_and(|s| (0.0..=1.0).contains(&s)));
+    let by_path = twin(&[
+        "models",
+        "run",
+        "scenarios/models/vibration-anomaly-v2.onnx",
+        "--input",
+        row,
+    ]);
+    assert_eq!(text(&by_path.stdout), format!("[{}]\n", rows[0]));
+
+    for (args, message) in [
+        (
+            vec!["models", "run", "vibration-anomaly@9", "--input", row],
+            "model `vibration-anomaly` has no version or alias `9` (versions: 1, 2, 3",
+        ),
+        (
+            vec!["models", "run", "nonesuch", "--input", row],
+            "unknown model `nonesuch`",
+        ),
+        (
+            vec!["models", "run", "vibration-anomaly", "--input", "[1, 2]"],
+            "row 0 has 2 values; `features` takes 9 per row",
+        ),
+        (
+            vec!["models", "run", "vibration-anomaly", "--input", "{"],
+            "--input is not JSON",
+        ),
+        (
+            vec!["models", "run", "scenarios/models/missing.onnx", "--input", row],
+            "cannot read scenarios/models/missing.onnx",
+        ),
+        (vec!["models", "inspect", "README.md"], "not a valid ONNX model"),
+    ] {
+        let output = twin(&args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        assert!(
+            text(&output.stderr).contains(message),
+            "{args:?}: {}",
+            text(&output.stderr)
+        );
+    }
+}

@@ -1,0 +1,347 @@
+//! ONNX models run with tract: the one module that touches tract.
+//!
+//! A model is loaded from its bytes (the caller reads the file), checked (every operator must
+//! be one tract implements; the input must be one float32 matrix `[N, width]` with a symbolic
+//! or free batch dimension), optimized once into a plan, and run on batches of rows. The plan
+//! is shared (`Arc`), so every device running the same version uses the same plan.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use thiserror::Error;
+use tract_onnx::pb;
+use tract_onnx::prelude::*;
+
+/// A model could not be loaded or run.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ModelError {
+    /// The bytes are not an ONNX model.
+    #[error("not a valid ONNX model: {0}")]
+    Decode(String),
+    /// The graph uses operators tract does not implement.
+    #[error("operator{} not supported by tract: {}", if .0.len() > 1 { "s" } else { "" }, .0.join(", "))]
+    Unsupported(Vec<String>),
+    /// The model's inputs do not fit what the twin feeds it.
+    #[error("{0}")]
+    Shape(String),
+    /// tract refused the model or a run.
+    #[error("tract: {0}")]
+    Tract(String),
+}
+
+fn tract_error(err: impl std::fmt::Display) -> ModelError {
+    // anyhow-style chains print their causes with `{:#}`; keep the message on one line.
+    ModelError::Tract(format!("{err:#}").replace('\n', " "))
+}
+
+/// One input or output of a model, as declared in the file.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct TensorInfo {
+    /// Name.
+    pub name: String,
+    /// Element type (`float32`, `int64`, ...).
+    pub element_type: String,
+    /// Dimensions: numbers, symbols (`N`) or `?`.
+    pub shape: Vec<String>,
+}
+
+/// What a model file holds, whether tract can run it and why not.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ModelInfo {
+    /// Producer (`twin scenarios/models/train.py`, `skl2onnx`, ...).
+    pub producer: String,
+    /// ONNX IR version.
+    pub ir_version: i64,
+    /// Operator set versions by domain (`""` is the default domain).
+    pub opsets: BTreeMap<String, i64>,
+    /// Documentation string.
+    pub doc: String,
+    /// Metadata properties.
+    pub metadata: BTreeMap<String, String>,
+    /// Inputs (initializers excluded).
+    pub inputs: Vec<TensorInfo>,
+    /// Outputs.
+    pub outputs: Vec<TensorInfo>,
+    /// Operators and how many nodes use each, `domain:op` for non-default domains.
+    pub operators: BTreeMap<String, usize>,
+    /// Whether tract can run it, and if not, why.
+    pub runnable: Result<(), String>,
+}
+
+fn element_type_name(code: i32) -> String {
+    pb::tensor_proto::DataType::try_from(code)
+        .map_or_else(|_| format!("type {code}"), |t| format!("{t:?}").to_lowercase())
+}
+
+fn tensor_info(value: &pb::ValueInfoProto) -> TensorInfo {
+    let mut info = TensorInfo {
+        name: value.name.clone(),
+        element_type: "?".into(),
+        shape: Vec::new(),
+    };
+    if let Some(pb::type_proto::Value::TensorType(tensor)) = value.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+        info.element_type = element_type_name(tensor.elem_type);
+        if let Some(shape) = &tensor.shape {
+            info.shape = shape
+                .dim
+                .iter()
+                .map(|d| match &d.value {
+                    Some(pb::tensor_shape_proto::dimension::Value::DimValue(v)) => v.to_string(),
+                    Some(pb::tensor_shape_proto::dimension::Value::DimParam(p)) if !p.is_empty() => p.clone(),
+                    _ => "?".into(),
+                })
+                .collect();
+        }
+    }
+    info
+}
+
+fn decode(bytes: &[u8]) -> Result<pb::ModelProto, ModelError> {
+    let mut reader = bytes;
+    let proto = onnx()
+        .proto_model_for_read(&mut reader)
+        .map_err(|err| ModelError::Decode(format!("{err:#}")))?;
+    if proto.graph.is_none() {
+        return Err(ModelError::Decode("the model has no graph".into()));
+    }
+    Ok(proto)
+}
+
+/// Describes a model file without running it.
+///
+/// # Errors
+/// Bytes that are not an ONNX model.
+pub fn inspect(bytes: &[u8]) -> Result<ModelInfo, ModelError> {
+    let proto = decode(bytes)?;
+    let graph = proto
+        .graph
+        .as_ref()
+        .ok_or_else(|| ModelError::Decode("the model has no graph".into()))?;
+    let initializers: std::collections::HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+    let mut operators = BTreeMap::new();
+    for node in &graph.node {
+        let key = if node.domain.is_empty() || node.domain == "ai.onnx" {
+            node.op_type.clone()
+        } else {
+            format!("{}:{}", node.domain, node.op_type)
+        };
+        *operators.entry(key).or_insert(0) += 1;
+    }
+    let runnable = CompiledModel::load(bytes).map(|_| ()).map_err(|err| err.to_string());
+    Ok(ModelInfo {
+        producer: [proto.producer_name.as_str(), proto.producer_version.as_str()]
+            .join(" ")
+            .trim()
+            .to_owned(),
+        ir_version: proto.ir_version,
+        opsets: proto
+            .opset_import
+            .iter()
+            .map(|o| (o.domain.clone(), o.version))
+            .collect(),
+        doc: proto.doc_string.clone(),
+        metadata: proto
+            .metadata_props
+            .iter()
+            .map(|p| (p.key.clone(), p.value.clone()))
+            .collect(),
+        inputs: graph
+            .input
+            .iter()
+            .filter(|i| !initializers.contains(i.name.as_str()))
+            .map(tensor_info)
+            .collect(),
+        outputs: graph.output.iter().map(tensor_info).collect(),
+        operators,
+        runnable,
+    })
+}
+
+/// One output of a run: `rows` rows of `width` values each.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Output {
+    /// Output name.
+    pub name: String,
+    /// Values per row (1 for a per-row scalar such as a score or class).
+    pub width: usize,
+    /// Values, row by row.
+    pub values: OutputValues,
+}
+
+/// The values of an output.
+#[derive(Clone, Debug, PartialEq)]
+pub enum OutputValues {
+    /// float32 outputs (scores, probabilities).
+    F32(Vec<f32>),
+    /// int64 outputs (classes).
+    I64(Vec<i64>),
+}
+
+type Plan = TypedSimplePlan;
+
+/// A model optimized into a runnable plan for batches of float32 rows.
+#[derive(Clone, Debug)]
+pub struct CompiledModel {
+    plan: Arc<Plan>,
+    input_name: String,
+    width: usize,
+    outputs: Vec<TensorInfo>,
+}
+
+impl CompiledModel {
+    /// Loads, checks and optimizes a model.
+    ///
+    /// # Errors
+    /// Undecodable bytes, operators tract does not implement (named), an input that is not a
+    /// single `[N, width]` float32 matrix, or tract's own refusal.
+    pub fn load(bytes: &[u8]) -> Result<Self, ModelError> {
+        let framework = onnx();
+        let proto = decode(bytes)?;
+        let graph = proto
+            .graph
+            .as_ref()
+            .ok_or_else(|| ModelError::Decode("the model has no graph".into()))?;
+        let mut unsupported: Vec<String> = graph
+            .node
+            .iter()
+            .filter(|node| !framework.op_register.0.contains_key(&node.op_type))
+            .map(|node| {
+                let domain = if node.domain.is_empty() {
+                    "ai.onnx"
+                } else {
+                    node.domain.as_str()
+                };
+                format!("{} ({domain}, node `{}`)", node.op_type, node.name)
+            })
+            .collect();
+        unsupported.dedup();
+        if !unsupported.is_empty() {
+            return Err(ModelError::Unsupported(unsupported));
+        }
+        let initializers: std::collections::HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+        let inputs: Vec<TensorInfo> = graph
+            .input
+            .iter()
+            .filter(|i| !initializers.contains(i.name.as_str()))
+            .map(tensor_info)
+            .collect();
+        let [input] = inputs.as_slice() else {
+            return Err(ModelError::Shape(format!(
+                "the model has {} inputs; the twin feeds exactly one [N, width] float32 matrix",
+                inputs.len()
+            )));
+        };
+        if input.element_type != "float" {
+            return Err(ModelError::Shape(format!(
+                "input `{}` is {}, not float32",
+                input.name, input.element_type
+            )));
+        }
+        let width = match input.shape.as_slice() {
+            [_, width] => width.parse::<usize>().map_err(|_| {
+                ModelError::Shape(format!(
+                    "input `{}` has shape [{}]: its second dimension must be a number",
+                    input.name,
+                    input.shape.join(", ")
+                ))
+            })?,
+            other => {
+                return Err(ModelError::Shape(format!(
+                    "input `{}` has shape [{}]; the twin feeds a [N, width] matrix",
+                    input.name,
+                    other.join(", ")
+                )));
+            }
+        };
+        let outputs: Vec<TensorInfo> = graph.output.iter().map(tensor_info).collect();
+        let mut model = framework.model_for_proto_model(&proto).map_err(tract_error)?;
+        let batch = model.symbols.sym("N");
+        model
+            .set_input_fact(0, f32::fact([batch.to_dim(), width.to_dim()]).into())
+            .map_err(tract_error)?;
+        let plan = model
+            .into_optimized()
+            .map_err(tract_error)?
+            .into_runnable()
+            .map_err(tract_error)?;
+        Ok(Self {
+            plan,
+            input_name: input.name.clone(),
+            width,
+            outputs,
+        })
+    }
+
+    /// Values per input row.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    /// The input's name.
+    pub fn input_name(&self) -> &str {
+        &self.input_name
+    }
+
+    /// The declared outputs.
+    pub fn outputs(&self) -> &[TensorInfo] {
+        &self.outputs
+    }
+
+    /// Runs the model on `rows` (row by row, `width` values each) as one batch.
+    ///
+    /// # Errors
+    /// A row count that is not a whole number of rows, or a failed run.
+    pub fn run(&self, rows: &[f32]) -> Result<Vec<Output>, ModelError> {
+        if rows.is_empty() || !rows.len().is_multiple_of(self.width) {
+            return Err(ModelError::Shape(format!(
+                "{} values are not whole rows of {}",
+                rows.len(),
+                self.width
+            )));
+        }
+        let batch = rows.len() / self.width;
+        let input = Tensor::from_shape(&[batch, self.width], rows).map_err(tract_error)?;
+        let results = self.plan.run(tvec!(input.into())).map_err(tract_error)?;
+        let mut outputs = Vec::with_capacity(results.len());
+        for (index, value) in results.iter().enumerate() {
+            let name = self
+                .outputs
+                .get(index)
+                .map_or_else(|| format!("output{index}"), |o| o.name.clone());
+            let shape = value.shape();
+            let width = shape.iter().skip(1).product::<usize>().max(1);
+            let values = match value.datum_type() {
+                DatumType::F32 => OutputValues::F32(
+                    value
+                        .to_plain_array_view::<f32>()
+                        .map_err(tract_error)?
+                        .iter()
+                        .copied()
+                        .collect(),
+                ),
+                DatumType::I64 => OutputValues::I64(
+                    value
+                        .to_plain_array_view::<i64>()
+                        .map_err(tract_error)?
+                        .iter()
+                        .copied()
+                        .collect(),
+                ),
+                other => {
+                    let cast = value
+                        .cast_to::<f32>()
+                        .map_err(|err| ModelError::Tract(format!("output `{name}` of type {other:?}: {err}")))?;
+                    OutputValues::F32(
+                        cast.to_plain_array_view::<f32>()
+                            .map_err(tract_error)?
+                            .iter()
+                            .copied()
+                            .collect(),
+                    )
+                }
+            };
+            outputs.push(Output { name, width, values });
+        }
+        Ok(outputs)
+    }
+}
