@@ -207,3 +207,18 @@ pub struct Topology {
     /// Gateways by index.
     pub gateways: Vec<Entity>,
 }
+
+/// The model a device runs on each completed window of one of its sensors.
+#[derive(Component, Clone, Copy, Debug)]
+pub struct DeployedModel {
+    /// Index into [`Scenario::models`].
+    pub model: u16,
+    /// The bound sensor slot.
+    pub slot: u16,
+    /// Alarm threshold on the score.
+    pub threshold: f32,
+}
+
+/// Feature rows of the windows a device completed in the current step, waiting for inference.
+#[derive(Component, Clone, Debug, Default)]
+pub struct PendingRows(pub Vec<f32>);

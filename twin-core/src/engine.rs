@@ -12,10 +12,10 @@ use bevy_ecs::world::World;
 use bevy_tasks::{ComputeTaskPool, TaskPoolBuilder};
 
 use crate::components::{
-    Channels, ClockSkew, Device, DeviceState, EdgeBuffer, Gateway, Recorder, ReplayCursor, ReplayCursors, ScenarioSpec,
-    SensorSlot, Sensors, StepOutput, Topology,
+    Channels, ClockSkew, DeployedModel, Device, DeviceState, EdgeBuffer, Gateway, PendingRows, Recorder, ReplayCursor,
+    ReplayCursors, ScenarioSpec, SensorSlot, Sensors, StepOutput, Topology,
 };
-use crate::metrics::{GatewayMetrics, GroupMetrics, Metrics};
+use crate::metrics::{GatewayMetrics, GroupMetrics, Metrics, ModelMetrics};
 use crate::replay::series_key;
 use crate::report::Report;
 use crate::rng::Stream;
@@ -140,6 +140,14 @@ impl Simulation {
                 if options.record {
                     entity.insert(Recorder(specs.iter().map(|_| Vec::new()).collect()));
                 }
+                if let Some(binding) = group.model {
+                    let deployed = DeployedModel {
+                        model: binding.model as u16,
+                        slot: binding.slot as u16,
+                        threshold: binding.threshold,
+                    };
+                    entity.insert((deployed, PendingRows::default()));
+                }
                 topology.devices.push(entity.id());
             }
         }
@@ -148,6 +156,7 @@ impl Simulation {
         world.insert_resource(Metrics {
             groups: vec![GroupMetrics::default(); scenario.groups.len()],
             gateways: vec![GatewayMetrics::default(); scenario.gateways.len()],
+            models: vec![ModelMetrics::default(); scenario.models.len()],
             ..Default::default()
         });
         world.insert_resource(Storyboard::new(&scenario));

@@ -2,45 +2,59 @@
 //! computes the same numbers from raw readings; a test checks both agree on the reference
 //! windows shipped with the models.
 //!
-//! **Vibration window features** (input of the `vibration-anomaly` models): for one window of
-//! a 3-axis accelerometer's readings, in this order,
+//! **Window features**: for one window of a sensor with `d` channels, `3 d` values in this
+//! order: the mean of each channel, the population standard deviation of each channel, the
+//! peak-to-peak (max - min) of each channel. For a 3-axis accelerometer (the input of the
+//! `vibration-anomaly` models) that is
 //!
 //! | index | feature |
 //! |---|---|
 //! | 0, 1, 2 | mean of x, y, z (m/s^2): where gravity sits, i.e. how the sensor is mounted |
-//! | 3, 4, 5 | population standard deviation of x, y, z: vibration energy per axis |
-//! | 6, 7, 8 | peak-to-peak (max - min) of x, y, z: impacts and spikes |
+//! | 3, 4, 5 | standard deviation of x, y, z: vibration energy per axis |
+//! | 6, 7, 8 | peak-to-peak of x, y, z: impacts and spikes |
 //!
-//! All nine are window summary statistics, so a cloud model fed summary uploads sees exactly
-//! the features an edge model computes from raw readings.
+//! All of them are window summary statistics, so a cloud model fed summary uploads sees
+//! exactly the features an edge model computes from raw readings.
 
-use crate::stats::WindowSummary;
+use crate::stats::{WindowAcc, WindowSummary};
 
-/// Number of vibration window features.
+/// Number of vibration window features (a 3-axis sensor).
 pub const VIBRATION_FEATURES: usize = 9;
+
+/// Number of window features of a sensor with `dims` channels.
+pub const fn window_feature_count(dims: usize) -> usize {
+    3 * dims
+}
+
+/// Appends the features of one window (one summary per channel) to `out`.
+///
+/// Returns false, appending nothing, when a channel has no readings in the window.
+pub fn push_window_features(channels: &[WindowSummary], out: &mut Vec<f32>) -> bool {
+    if channels.is_empty() || channels.iter().any(|c| c.count == 0) {
+        return false;
+    }
+    out.extend(channels.iter().map(|c| c.mean as f32));
+    out.extend(channels.iter().map(|c| c.std_dev as f32));
+    out.extend(channels.iter().map(|c| (c.max - c.min) as f32));
+    true
+}
 
 /// The features of one window of a 3-axis sensor, from its per-axis summaries.
 ///
 /// Returns `None` when an axis has no readings in the window.
 pub fn vibration_features(axes: &[WindowSummary; 3]) -> Option<[f32; VIBRATION_FEATURES]> {
-    if axes.iter().any(|a| a.count == 0) {
-        return None;
-    }
-    let mut features = [0.0f32; VIBRATION_FEATURES];
-    for (axis, summary) in axes.iter().enumerate() {
-        features[axis] = summary.mean as f32;
-        features[3 + axis] = summary.std_dev as f32;
-        features[6 + axis] = (summary.max - summary.min) as f32;
-    }
-    Some(features)
+    let mut out = Vec::with_capacity(VIBRATION_FEATURES);
+    push_window_features(axes, &mut out).then(|| {
+        let mut features = [0.0; VIBRATION_FEATURES];
+        features.copy_from_slice(&out);
+        features
+    })
 }
 
 /// The features of one window given its raw readings (`[x, y, z]` per reading): the same
 /// numbers as [`vibration_features`] of the window's summaries.
 pub fn vibration_features_from_readings(readings: &[[f64; 3]]) -> Option<[f32; VIBRATION_FEATURES]> {
-    if readings.is_empty() {
-        return None;
-    }
+    let first = readings.first()?;
     let mut axes = [WindowSummary {
         count: 0,
         min: 0.0,
@@ -50,11 +64,10 @@ pub fn vibration_features_from_readings(readings: &[[f64; 3]]) -> Option<[f32; V
         last: 0.0,
     }; 3];
     for (axis, summary) in axes.iter_mut().enumerate() {
-        let mut acc = crate::stats::WindowAcc::default();
+        let mut acc = WindowAcc::default();
         let values: Vec<f64> = readings.iter().map(|r| r[axis]).collect();
-        let shift = values[0];
-        acc.add_block(&values, shift);
-        *summary = acc.summary(shift);
+        acc.add_block(&values, first[axis]);
+        *summary = acc.summary(first[axis]);
     }
     vibration_features(&axes)
 }
@@ -74,5 +87,6 @@ mod tests {
         assert_eq!(f[6], 2.0);
         assert_eq!(f[8], 2.0);
         assert!(vibration_features_from_readings(&[]).is_none());
+        assert_eq!(window_feature_count(1), 3);
     }
 }

@@ -74,6 +74,27 @@ pub struct EventLog {
     pub affected: u64,
 }
 
+/// Counters of one deployed model version.
+#[derive(Clone, Debug, Default)]
+pub struct ModelMetrics {
+    /// Rows scored.
+    pub inferences: u64,
+    /// Rows at or above their device's threshold.
+    pub alarms: u64,
+    /// Sum of scores.
+    pub score_sum: f64,
+    /// Alarms on faulty machines.
+    pub true_positives: u64,
+    /// Alarms on healthy machines.
+    pub false_positives: u64,
+    /// No alarm on healthy machines.
+    pub true_negatives: u64,
+    /// No alarm on faulty machines.
+    pub false_negatives: u64,
+    /// Rows a run failed on.
+    pub errors: u64,
+}
+
 /// All counters.
 #[derive(Resource, Clone, Debug, Default)]
 pub struct Metrics {
@@ -85,4 +106,6 @@ pub struct Metrics {
     pub fault_activations: BTreeMap<&'static str, u64>,
     /// Storyboard events applied.
     pub events: Vec<EventLog>,
+    /// By deployed model version (index into the scenario's models).
+    pub models: Vec<ModelMetrics>,
 }

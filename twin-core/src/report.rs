@@ -170,6 +170,65 @@ pub struct GatewayReport {
     pub lost: VolumeReport,
 }
 
+/// One deployed model version over the run.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct ModelReport {
+    /// sha256 of the model file.
+    pub sha256: String,
+    /// Devices running it.
+    pub devices: u64,
+    /// Windows scored.
+    pub inferences: u64,
+    /// Scores at or above the threshold.
+    pub alarms: u64,
+    /// Alarms per inference.
+    pub alarm_rate: Option<f64>,
+    /// Mean score.
+    pub mean_score: Option<f64>,
+    /// Alarms on machines known to be faulty.
+    pub true_positives: u64,
+    /// Alarms on machines known to be healthy.
+    pub false_positives: u64,
+    /// No alarm on healthy machines.
+    pub true_negatives: u64,
+    /// No alarm on faulty machines.
+    pub false_negatives: u64,
+    /// Correct decisions over decisions with known ground truth.
+    pub accuracy: Option<f64>,
+    /// True positives over alarms with known ground truth.
+    pub precision: Option<f64>,
+    /// True positives over faulty windows.
+    pub recall: Option<f64>,
+    /// Rows a run failed on.
+    pub errors: u64,
+}
+
+fn ratio(numerator: u64, denominator: u64) -> Option<f64> {
+    (denominator > 0).then(|| numerator as f64 / denominator as f64)
+}
+
+impl ModelReport {
+    fn new(sha256: &str, devices: u64, m: &crate::metrics::ModelMetrics) -> Self {
+        let labelled = m.true_positives + m.false_positives + m.true_negatives + m.false_negatives;
+        Self {
+            sha256: sha256.to_owned(),
+            devices,
+            inferences: m.inferences,
+            alarms: m.alarms,
+            alarm_rate: ratio(m.alarms, m.inferences),
+            mean_score: (m.inferences > 0).then(|| m.score_sum / m.inferences as f64),
+            true_positives: m.true_positives,
+            false_positives: m.false_positives,
+            true_negatives: m.true_negatives,
+            false_negatives: m.false_negatives,
+            accuracy: ratio(m.true_positives + m.true_negatives, labelled),
+            precision: ratio(m.true_positives, m.true_positives + m.false_positives),
+            recall: ratio(m.true_positives, m.true_positives + m.false_negatives),
+            errors: m.errors,
+        }
+    }
+}
+
 /// One storyboard event as it ran.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct EventReport {
@@ -227,6 +286,8 @@ pub struct Report {
     pub groups: BTreeMap<String, GroupReport>,
     /// Per gateway.
     pub gateways: BTreeMap<String, GatewayReport>,
+    /// Per deployed model version (`name@version`).
+    pub models: BTreeMap<String, ModelReport>,
     /// Storyboard events.
     pub events: Vec<EventReport>,
     /// Criteria verdicts.
@@ -344,6 +405,17 @@ impl Report {
                 gateway_report(&m, devices, spec.buffer_bytes, remaining),
             );
         }
+        let mut models = BTreeMap::new();
+        for (index, model) in scenario.models.iter().enumerate() {
+            let devices = scenario
+                .groups
+                .iter()
+                .filter(|g| g.model.is_some_and(|b| b.model == index))
+                .map(|g| u64::from(g.count))
+                .sum();
+            let counters = metrics.models.get(index).cloned().unwrap_or_default();
+            models.insert(model.label(), ModelReport::new(&model.sha256, devices, &counters));
+        }
         let total_device_seconds = f64::from(scenario.device_count()) * seconds;
         let mut faults: BTreeMap<String, u64> = FAULT_KINDS.iter().map(|k| ((*k).to_owned(), 0)).collect();
         for (kind, count) in &metrics.fault_activations {
@@ -393,6 +465,7 @@ impl Report {
             faults,
             groups,
             gateways,
+            models,
             events,
             criteria: Vec::new(),
             passed: true,
@@ -456,6 +529,7 @@ pub fn metric_names(scenario: &Scenario) -> std::collections::BTreeSet<String> {
     let metrics = Metrics {
         groups: vec![GroupMetrics::default(); scenario.groups.len()],
         gateways: vec![GatewayMetrics::default(); scenario.gateways.len()],
+        models: vec![Default::default(); scenario.models.len()],
         ..Default::default()
     };
     let buffers = vec![EdgeBuffer::default(); scenario.gateways.len()];
@@ -463,6 +537,11 @@ pub fn metric_names(scenario: &Scenario) -> std::collections::BTreeSet<String> {
     skeleton_scenario.criteria.clear();
     let report = Report::build(&skeleton_scenario, scenario.clock.duration, &metrics, &totals, &buffers);
     let mut names: std::collections::BTreeSet<String> = report.metrics().into_keys().collect();
+    for model in &scenario.models {
+        for stat in ["alarm_rate", "mean_score", "accuracy", "precision", "recall"] {
+            names.insert(format!("models.{}.{stat}", model.label()));
+        }
+    }
     // Statistics are null in a skeleton with no readings; the real report has numbers there.
     for (gi, group) in scenario.groups.iter().enumerate() {
         let _ = gi;

@@ -25,6 +25,11 @@ impl FileSource for ScenarioFiles {
         std::fs::read_to_string(&resolved)
             .map_err(|err| format!("cannot read `{path}` ({}): {err}", resolved.display()))
     }
+
+    fn read_bytes(&self, path: &str) -> Result<Vec<u8>, String> {
+        let resolved = self.base.join(path);
+        std::fs::read(&resolved).map_err(|err| format!("cannot read `{path}` ({}): {err}", resolved.display()))
+    }
 }
 
 /// Reads and validates a scenario file.

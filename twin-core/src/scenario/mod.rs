@@ -14,12 +14,14 @@ pub use validate::fill_filter;
 
 use std::fmt;
 use std::ops::Range;
+use std::sync::Arc;
 
 pub use template::IdTemplate;
 use thiserror::Error;
 
 use crate::criteria::Criterion;
 use crate::fault::SensorFault;
+use crate::inference::CompiledModel;
 use crate::signal::Signal;
 use crate::time::{ClockMode, SimDuration};
 use location::{FieldPath, Segment, line_column, locate};
@@ -32,6 +34,14 @@ pub trait FileSource {
     /// # Errors
     /// A plain reason (`no such file`, ...).
     fn read_to_string(&self, path: &str) -> Result<String, String>;
+
+    /// The bytes of `path` (model files).
+    ///
+    /// # Errors
+    /// A plain reason.
+    fn read_bytes(&self, path: &str) -> Result<Vec<u8>, String> {
+        self.read_to_string(path).map(String::into_bytes)
+    }
 }
 
 /// A [`FileSource`] that has no files.
@@ -192,6 +202,41 @@ pub struct GroupSpec {
     pub sensors: Range<usize>,
     /// Global index of the group's first device.
     pub first_device: u32,
+    /// Ground truth for model accuracy: `Some(true)` for a group of faulty machines.
+    pub faulty: Option<bool>,
+    /// The model the group's devices run, if any.
+    pub model: Option<ModelBinding>,
+}
+
+/// A model version a scenario deploys, loaded and compiled once.
+#[derive(Clone, Debug)]
+pub struct ModelSpec {
+    /// Model name.
+    pub name: String,
+    /// Version.
+    pub version: u32,
+    /// sha256 of its file.
+    pub sha256: String,
+    /// The compiled plan, shared by every device running this version.
+    pub compiled: Arc<CompiledModel>,
+}
+
+impl ModelSpec {
+    /// `name@version`.
+    pub fn label(&self) -> String {
+        format!("{}@{}", self.name, self.version)
+    }
+}
+
+/// Which model a group runs, on which sensor's windows, and how its output is read.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ModelBinding {
+    /// Index into [`Scenario::models`].
+    pub model: usize,
+    /// Index of the bound sensor among the group's sensors.
+    pub slot: usize,
+    /// Alarm when the score is at least this.
+    pub threshold: f32,
 }
 
 impl GroupSpec {
@@ -326,6 +371,8 @@ pub struct Scenario {
     pub events: Vec<EventSpec>,
     /// Criteria.
     pub criteria: Vec<Criterion>,
+    /// Model versions deployed by the scenario.
+    pub models: Vec<ModelSpec>,
 }
 
 impl Scenario {

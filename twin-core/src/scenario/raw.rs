@@ -29,6 +29,40 @@ pub struct RawScenario {
     /// Pass/fail assertions on report metrics.
     #[serde(default)]
     pub criteria: Vec<RawCriterion>,
+    /// Where deployed models come from.
+    pub models: Option<RawModels>,
+}
+
+/// `[models]`
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct RawModels {
+    /// The registry manifest, relative to the scenario (default "models/manifest.json").
+    pub registry: Option<String>,
+}
+
+/// Ground truth of a group's machines.
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RawLabel {
+    /// Normal machines.
+    Healthy,
+    /// Faulty machines.
+    Faulty,
+}
+
+/// `model = { name, version, sensor, threshold }`
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct RawModelBinding {
+    /// Model name in the registry.
+    pub name: String,
+    /// Version number or alias (default: the highest version).
+    pub version: Option<toml::Value>,
+    /// The sensor whose windows feed the model.
+    pub sensor: String,
+    /// Alarm threshold on the score (default: the manifest's, else 0.5).
+    pub threshold: Option<f64>,
 }
 
 /// `[meta]`
@@ -127,6 +161,10 @@ pub struct RawGroup {
     /// Sensors on every device of the group.
     #[serde(default)]
     pub sensors: Vec<RawSensor>,
+    /// Ground truth for model accuracy.
+    pub label: Option<RawLabel>,
+    /// The model the devices run on each completed window.
+    pub model: Option<RawModelBinding>,
 }
 
 /// `[[fleet.sensors]]`

@@ -11,10 +11,14 @@ use super::location::FieldPath;
 use super::raw::{self, RawScenario};
 use super::{
     Action, ClockSpec, Diagnostic, ESTIMATED_BYTES_PER_DEVICE, ESTIMATED_BYTES_PER_SENSOR, EventSpec, FileSource,
-    GatewaySpec, GroupSpec, IdTemplate, LoadOptions, Scenario, SensorSpec, Target, UploadMode, UploadSpec,
+    GatewaySpec, GroupSpec, IdTemplate, LoadOptions, ModelBinding, ModelSpec, Scenario, SensorSpec, Target, UploadMode,
+    UploadSpec,
 };
 use crate::criteria::{Check, Criterion, edit_distance};
 use crate::fault::SensorFault;
+use crate::features;
+use crate::inference::CompiledModel;
+use crate::models::{Registry, sha256_hex};
 use crate::replay::{self, Origin, ReplayFormat, ReplaySpec};
 use crate::rng::{mix, stable_key};
 use crate::signal::{Markov, Signal, Sine, Vibration};
@@ -130,12 +134,14 @@ pub(super) fn validate(
         sensors,
         events: Vec::new(),
         criteria: Vec::new(),
+        models: Vec::new(),
     };
     if !checker.problems.is_empty() {
         return Err(checker.problems);
     }
     let mut partial = partial;
     check_replay_coverage(&mut checker, &mut partial);
+    validate_models(&mut checker, &raw, &mut partial, files);
     let events = validate_storyboard(&mut checker, &raw.storyboard, &partial, &root.key("storyboard"));
     let mut scenario = Scenario { events, ..partial };
     scenario.criteria = validate_criteria(&mut checker, &raw.criteria, &scenario, &root.key("criteria"));
@@ -339,6 +345,8 @@ fn validate_fleet(
             upload,
             sensors: first_sensor..sensors.len(),
             first_device: first_device.min(u64::from(u32::MAX)) as u32,
+            faulty: group.label.map(|l| l == raw::RawLabel::Faulty),
+            model: None,
         });
         first_device = first_device.saturating_add(count);
     }
@@ -930,6 +938,157 @@ fn check_replay_coverage(checker: &mut Checker, scenario: &mut Scenario) {
             replay.dims = dims;
             sensor.dims = dims;
         }
+    }
+}
+
+/// Loads the registry, resolves each group's model, checks its file against the manifest's
+/// sha256, compiles it once per version, and binds it to a sensor whose window features have
+/// the model's input width.
+fn validate_models(checker: &mut Checker, raw: &RawScenario, scenario: &mut Scenario, files: &dyn FileSource) {
+    let bindings: Vec<(usize, &raw::RawModelBinding)> = raw
+        .fleet
+        .iter()
+        .enumerate()
+        .filter_map(|(i, g)| g.model.as_ref().map(|m| (i, m)))
+        .collect();
+    let registry_path = raw
+        .models
+        .as_ref()
+        .and_then(|m| m.registry.clone())
+        .unwrap_or_else(|| "models/manifest.json".to_owned());
+    let registry_field = FieldPath::root().key("models").key("registry");
+    if bindings.is_empty() {
+        return;
+    }
+    let text = match files.read_to_string(&registry_path) {
+        Ok(text) => text,
+        Err(reason) => {
+            checker.report(&registry_field, reason);
+            return;
+        }
+    };
+    let registry = match Registry::from_manifest(&registry_path, &text) {
+        Ok(registry) => registry,
+        Err(err) => {
+            checker.report(&registry_field, err.to_string());
+            return;
+        }
+    };
+    let folder = registry_path
+        .rsplit_once('/')
+        .map_or(String::new(), |(dir, _)| format!("{dir}/"));
+    for (gi, binding) in bindings {
+        let path = FieldPath::root().key("fleet").index(gi).key("model");
+        let reference = match &binding.version {
+            None => binding.name.clone(),
+            Some(toml::Value::Integer(v)) => format!("{}@{v}", binding.name),
+            Some(toml::Value::String(alias)) => format!("{}@{alias}", binding.name),
+            Some(other) => {
+                checker.report(
+                    &path.key("version"),
+                    format!("must be a version number or an alias, got {other}"),
+                );
+                continue;
+            }
+        };
+        let version = match registry.resolve(&reference) {
+            Ok(version) => version.clone(),
+            Err(err) => {
+                checker.report(
+                    &path.key(if binding.version.is_some() { "version" } else { "name" }),
+                    err.to_string(),
+                );
+                continue;
+            }
+        };
+        let index = match scenario
+            .models
+            .iter()
+            .position(|m| m.name == version.name && m.version == version.version)
+        {
+            Some(index) => index,
+            None => {
+                let file = format!("{folder}{}", version.file);
+                let bytes = match files.read_bytes(&file) {
+                    Ok(bytes) => bytes,
+                    Err(reason) => {
+                        checker.report(&path, reason);
+                        continue;
+                    }
+                };
+                let sha = sha256_hex(&bytes);
+                if sha != version.sha256 {
+                    checker.report(
+                        &path,
+                        format!("{file}: sha256 {sha} does not match the registry's {}", version.sha256),
+                    );
+                    continue;
+                }
+                let compiled = match CompiledModel::load(&bytes) {
+                    Ok(compiled) => compiled,
+                    Err(err) => {
+                        checker.report(&path, format!("{file}: {err}"));
+                        continue;
+                    }
+                };
+                scenario.models.push(ModelSpec {
+                    name: version.name.clone(),
+                    version: version.version,
+                    sha256: sha,
+                    compiled: Arc::new(compiled),
+                });
+                scenario.models.len() - 1
+            }
+        };
+        let group = &scenario.groups[gi];
+        let Some(slot) = scenario.sensors[group.sensors.clone()]
+            .iter()
+            .position(|s| s.name == binding.sensor)
+        else {
+            let names: Vec<&str> = scenario.sensors[group.sensors.clone()]
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect();
+            checker.report(
+                &path.key("sensor"),
+                format!(
+                    "group `{}` has no sensor `{}` (sensors: {})",
+                    group.name,
+                    binding.sensor,
+                    names.join(", ")
+                ),
+            );
+            continue;
+        };
+        let dims = scenario.sensors[group.sensors.start + slot].dims;
+        let width = scenario.models[index].compiled.width();
+        if width != features::window_feature_count(dims) {
+            checker.report(
+                &path.key("sensor"),
+                format!(
+                    "`{}` takes {width} values per row, but the window features of `{}` ({dims} channel{}: mean, std_dev and peak-to-peak of each) are {}",
+                    scenario.models[index].label(),
+                    binding.sensor,
+                    if dims == 1 { "" } else { "s" },
+                    features::window_feature_count(dims)
+                ),
+            );
+            continue;
+        }
+        let default_threshold = version
+            .output_kind
+            .get("score")
+            .and_then(|k| k.get("threshold"))
+            .and_then(serde_json::Value::as_f64)
+            .unwrap_or(0.5);
+        let threshold = binding
+            .threshold
+            .map_or(default_threshold, |t| checker.finite(&path.key("threshold"), t));
+        scenario.groups[gi].model = Some(ModelBinding {
+            model: index,
+            slot,
+            threshold: threshold as f32,
+        });
     }
 }
 

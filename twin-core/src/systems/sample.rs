@@ -13,12 +13,16 @@ use bevy_ecs::batching::BatchingStrategy;
 use bevy_ecs::system::{Query, Res};
 
 use crate::components::{
-    DeviceState, Recorder, ReplayCursor, ReplayCursors, ScenarioSpec, SensorFaults, SensorSlot, Sensors, StepOutput,
+    DeployedModel, DeviceState, PendingRows, Recorder, ReplayCursor, ReplayCursors, ScenarioSpec, SensorFaults,
+    SensorSlot, Sensors, StepOutput,
 };
 use crate::fault::{self, ActiveFault};
+use crate::features;
 use crate::scenario::{SensorSpec, UploadMode};
 use crate::signal::{BLOCK, Block, Signal};
+use crate::stats::WindowSummary;
 use crate::time::{NANOS_PER_SECOND, SimClock};
+use smallvec::SmallVec;
 
 /// The devices the sampling pass visits.
 pub type DeviceQuery<'w, 's> = Query<
@@ -30,6 +34,7 @@ pub type DeviceQuery<'w, 's> = Query<
         Option<&'static mut SensorFaults>,
         Option<&'static mut ReplayCursors>,
         Option<&'static mut Recorder>,
+        Option<(&'static DeployedModel, &'static mut PendingRows)>,
     ),
 >;
 
@@ -45,33 +50,40 @@ pub fn sample_sensors(clock: Res<SimClock>, scenario: Res<ScenarioSpec>, mut dev
     devices
         .par_iter_mut()
         .batching_strategy(BatchingStrategy::new().min_batch_size(256))
-        .for_each(|(mut state, mut sensors, mut faults, mut cursors, mut recorder)| {
-            BLOCK_SCRATCH.with_borrow_mut(|block| {
-                let state = &mut *state;
-                state.step = StepOutput {
-                    newest: f64::NEG_INFINITY,
-                    ..StepOutput::default()
-                };
-                for (slot_index, slot) in sensors.0.iter_mut().enumerate() {
-                    let mut work = SensorWork {
-                        spec: &specs[slot.spec as usize],
-                        device: state,
-                        slot,
-                        faults: faults
-                            .as_deref_mut()
-                            .and_then(|f| f.0.get_mut(slot_index))
-                            .filter(|f| !f.is_empty()),
-                        recorder: recorder.as_deref_mut().and_then(|r| r.0.get_mut(slot_index)),
-                        block,
+        .for_each(
+            |(mut state, mut sensors, mut faults, mut cursors, mut recorder, mut model)| {
+                BLOCK_SCRATCH.with_borrow_mut(|block| {
+                    let state = &mut *state;
+                    state.step = StepOutput {
+                        newest: f64::NEG_INFINITY,
+                        ..StepOutput::default()
                     };
-                    let cursor = cursors
-                        .as_deref_mut()
-                        .and_then(|c| c.0.get_mut(slot_index))
-                        .and_then(Option::as_mut);
-                    work.run_step(now, end, cursor);
-                }
-            });
-        });
+                    for (slot_index, slot) in sensors.0.iter_mut().enumerate() {
+                        let rows = match model.as_mut() {
+                            Some((deployed, rows)) if usize::from(deployed.slot) == slot_index => Some(&mut rows.0),
+                            _ => None,
+                        };
+                        let mut work = SensorWork {
+                            spec: &specs[slot.spec as usize],
+                            device: state,
+                            slot,
+                            faults: faults
+                                .as_deref_mut()
+                                .and_then(|f| f.0.get_mut(slot_index))
+                                .filter(|f| !f.is_empty()),
+                            recorder: recorder.as_deref_mut().and_then(|r| r.0.get_mut(slot_index)),
+                            feature_rows: rows,
+                            block,
+                        };
+                        let cursor = cursors
+                            .as_deref_mut()
+                            .and_then(|c| c.0.get_mut(slot_index))
+                            .and_then(Option::as_mut);
+                        work.run_step(now, end, cursor);
+                    }
+                });
+            },
+        );
 }
 
 /// The smallest sample index `k` with `k / rate >= t`.
@@ -96,6 +108,8 @@ struct SensorWork<'a> {
     slot: &'a mut SensorSlot,
     faults: Option<&'a mut Vec<ActiveFault>>,
     recorder: Option<&'a mut Vec<f64>>,
+    /// Where the features of each completed window go, when a model reads this sensor.
+    feature_rows: Option<&'a mut Vec<f32>>,
     block: &'a mut Block,
 }
 
@@ -255,6 +269,16 @@ impl SensorWork<'_> {
 
     fn close_window(&mut self) {
         let shift = self.spec.shift;
+        if let Some(rows) = self.feature_rows.as_deref_mut() {
+            let summaries: SmallVec<[WindowSummary; 3]> = self
+                .slot
+                .channels
+                .as_slice()
+                .iter()
+                .map(|c| c.window.summary(shift))
+                .collect();
+            features::push_window_features(&summaries, rows);
+        }
         for channel in self.slot.channels.as_mut_slice() {
             channel.total.merge_window(&channel.window, shift);
             channel.window.reset();
