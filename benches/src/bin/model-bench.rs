@@ -1,0 +1,118 @@
+//! `model-bench`: tract on the shipped models, per row at batch 1 and 256, side by side with
+//! onnxruntime on the same rows (both single-threaded, in the same run), medians of many runs.
+//!
+//! ```text
+//! pip install -r scenarios/models/requirements.txt
+//! cargo build --release -p twin-benches
+//! target/release/model-bench
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use serde_json::{Value, json};
+use twin_core::inference::CompiledModel;
+
+/// tract vs onnxruntime on the shipped models.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Python with onnxruntime (scenarios/models/requirements.txt).
+    #[arg(long, default_value = "python3")]
+    python: String,
+    /// Timed runs per measurement.
+    #[arg(long, default_value_t = 300)]
+    repeat: usize,
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// Per-row microseconds of `model` on the first `batch` rows (median of `repeat` runs).
+fn tract_us_per_row(model: &CompiledModel, rows: &[f32], batch: usize, repeat: usize) -> Result<f64> {
+    let input = &rows[..batch * model.width()];
+    for _ in 0..20 {
+        model.run(input)?;
+    }
+    let mut times = Vec::with_capacity(repeat);
+    for _ in 0..repeat {
+        let start = Instant::now();
+        std::hint::black_box(model.run(std::hint::black_box(input))?);
+        times.push(start.elapsed().as_secs_f64());
+    }
+    Ok(median(times) * 1e6 / batch as f64)
+}
+
+/// Deterministic rows around the reference inputs: 256 rows, each a reference row scaled a little.
+fn rows_for(reference: &Value, width: usize) -> Vec<f32> {
+    let base: Vec<f32> = reference.as_array().map(|rows| rows.iter().flat_map(|r| r.as_array().cloned().unwrap_or_default()).filter_map(|v| v.as_f64()).map(|v| v as f32).collect()).unwrap_or_default();
+    let base_rows = base.len() / width;
+    let mut rows = Vec::with_capacity(256 * width);
+    for r in 0..256 {
+        let scale = 1.0 + (r as f32) * 1e-3;
+        rows.extend(base[(r % base_rows) * width..(r % base_rows + 1) * width].iter().map(|v| v * scale));
+    }
+    rows
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let models_dir = workspace().join("scenarios/models");
+    let reference: Value = serde_json::from_str(&std::fs::read_to_string(models_dir.join("reference.json"))?)?;
+    let dir = std::env::temp_dir().join(format!("model-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut results = Vec::new();
+    for case in reference["models"].as_array().context("reference models")? {
+        let file = case["file"].as_str().context("file")?;
+        if file != "vibration-anomaly-v2.onnx" && file != "digits-v1.onnx" {
+            continue;
+        }
+        let path = models_dir.join(file);
+        let model = CompiledModel::load(&std::fs::read(&path)?)?;
+        let (_, inputs) = case["inputs"].as_object().and_then(|o| o.iter().next()).context("inputs")?;
+        let rows = rows_for(inputs, model.width());
+        let rows_file = dir.join(format!("{file}.rows.json"));
+        let as_rows: Vec<&[f32]> = rows.chunks(model.width()).collect();
+        std::fs::write(&rows_file, serde_json::to_string(&as_rows)?)?;
+        let tract_1 = tract_us_per_row(&model, &rows, 1, args.repeat)?;
+        let tract_256 = tract_us_per_row(&model, &rows, 256, args.repeat)?;
+        let output = Command::new(&args.python)
+            .arg(workspace().join("benches/onnxruntime_bench.py"))
+            .arg(&path)
+            .arg(&rows_file)
+            .args(["--batches", "1", "256", "--repeat", &args.repeat.to_string()])
+            .env("OMP_NUM_THREADS", "1")
+            .output()
+            .context("running benches/onnxruntime_bench.py")?;
+        if !output.status.success() {
+            bail!("onnxruntime bench failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        let ort: Vec<Value> = String::from_utf8_lossy(&output.stdout).lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+        let ort_1 = ort[0]["median_us_per_row"].as_f64().unwrap_or(f64::NAN);
+        let ort_256 = ort[1]["median_us_per_row"].as_f64().unwrap_or(f64::NAN);
+        let result = json!({
+            "model": file,
+            "tract_us_per_row_batch_1": tract_1,
+            "tract_us_per_row_batch_256": tract_256,
+            "tract_batching_gain": tract_1 / tract_256,
+            "onnxruntime_us_per_row_batch_1": ort_1,
+            "onnxruntime_us_per_row_batch_256": ort_256,
+            "tract_throughput_over_onnxruntime_batch_1": ort_1 / tract_1,
+            "tract_throughput_over_onnxruntime_batch_256": ort_256 / tract_256,
+            "onnxruntime_version": ort[0]["onnxruntime"],
+        });
+        eprintln!("{result}");
+        results.push(result);
+    }
+    println!("{}", serde_json::to_string_pretty(&results)?);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
