@@ -536,31 +536,8 @@ pub fn metric_names(scenario: &Scenario) -> std::collections::BTreeSet<String> {
     let mut skeleton_scenario = scenario.clone();
     skeleton_scenario.criteria.clear();
     let report = Report::build(&skeleton_scenario, scenario.clock.duration, &metrics, &totals, &buffers);
-    let mut names: std::collections::BTreeSet<String> = report.metrics().into_keys().collect();
-    for model in &scenario.models {
-        for stat in ["alarm_rate", "mean_score", "accuracy", "precision", "recall"] {
-            names.insert(format!("models.{}.{stat}", model.label()));
-        }
-    }
-    // Statistics are null in a skeleton with no readings; the real report has numbers there.
-    for (gi, group) in scenario.groups.iter().enumerate() {
-        let _ = gi;
-        for spec in &scenario.sensors[group.sensors.clone()] {
-            for stat in ["mean", "std_dev", "min", "max"] {
-                if spec.dims == 1 {
-                    names.insert(format!("groups.{}.sensors.{}.{stat}", group.name, spec.name));
-                } else {
-                    for axis in spec.channel_names() {
-                        names.insert(format!(
-                            "groups.{}.sensors.{}.axes.{axis}.{stat}",
-                            group.name, spec.name
-                        ));
-                    }
-                }
-            }
-        }
-    }
-    names
+    // Statistics without readings are null in the skeleton; null values keep their names.
+    report.metrics().into_keys().collect()
 }
 
 fn edge_report(m: &GroupMetrics) -> EdgeReport {

@@ -27,7 +27,7 @@ enum Command {
         /// Override the scenario's master seed.
         #[arg(long)]
         seed: Option<u64>,
-        /// Output folder (default: out/<scenario name>/).
+        /// Output folder (default: `out/<scenario name>/`).
         #[arg(long)]
         out: Option<PathBuf>,
         /// Also write every reading to recording.jsonl (the replay format).

@@ -28,7 +28,10 @@ struct Args {
 }
 
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -53,12 +56,25 @@ fn tract_us_per_row(model: &CompiledModel, rows: &[f32], batch: usize, repeat: u
 
 /// Deterministic rows around the reference inputs: 256 rows, each a reference row scaled a little.
 fn rows_for(reference: &Value, width: usize) -> Vec<f32> {
-    let base: Vec<f32> = reference.as_array().map(|rows| rows.iter().flat_map(|r| r.as_array().cloned().unwrap_or_default()).filter_map(|v| v.as_f64()).map(|v| v as f32).collect()).unwrap_or_default();
+    let base: Vec<f32> = reference
+        .as_array()
+        .map(|rows| {
+            rows.iter()
+                .flat_map(|r| r.as_array().cloned().unwrap_or_default())
+                .filter_map(|v| v.as_f64())
+                .map(|v| v as f32)
+                .collect()
+        })
+        .unwrap_or_default();
     let base_rows = base.len() / width;
     let mut rows = Vec::with_capacity(256 * width);
     for r in 0..256 {
         let scale = 1.0 + (r as f32) * 1e-3;
-        rows.extend(base[(r % base_rows) * width..(r % base_rows + 1) * width].iter().map(|v| v * scale));
+        rows.extend(
+            base[(r % base_rows) * width..(r % base_rows + 1) * width]
+                .iter()
+                .map(|v| v * scale),
+        );
     }
     rows
 }
@@ -77,7 +93,10 @@ fn main() -> Result<()> {
         }
         let path = models_dir.join(file);
         let model = CompiledModel::load(&std::fs::read(&path)?)?;
-        let (_, inputs) = case["inputs"].as_object().and_then(|o| o.iter().next()).context("inputs")?;
+        let (_, inputs) = case["inputs"]
+            .as_object()
+            .and_then(|o| o.iter().next())
+            .context("inputs")?;
         let rows = rows_for(inputs, model.width());
         let rows_file = dir.join(format!("{file}.rows.json"));
         let as_rows: Vec<&[f32]> = rows.chunks(model.width()).collect();
@@ -95,7 +114,10 @@ fn main() -> Result<()> {
         if !output.status.success() {
             bail!("onnxruntime bench failed: {}", String::from_utf8_lossy(&output.stderr));
         }
-        let ort: Vec<Value> = String::from_utf8_lossy(&output.stdout).lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+        let ort: Vec<Value> = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()?;
         let ort_1 = ort[0]["median_us_per_row"].as_f64().unwrap_or(f64::NAN);
         let ort_256 = ort[1]["median_us_per_row"].as_f64().unwrap_or(f64::NAN);
         let result = json!({

@@ -3,7 +3,7 @@
 //!
 //! Loading happens in three stages, each reporting problems as `file:line:column: path: reason`:
 //! TOML syntax, the raw serde shape ([`raw`], unknown fields refused), and validation
-//! ([`validate`]: ranges, references, selectors, replay files, metric names).
+//! (`validate`: ranges, references, selectors, replay files, metric names).
 
 pub mod location;
 pub mod raw;

@@ -1,6 +1,6 @@
 //! The raw serde shape of a scenario file: exactly what TOML allows, unknown fields refused.
 //!
-//! Nothing here is checked beyond types; [`super::validate`] turns a [`RawScenario`] into a
+//! Nothing here is checked beyond types; `validate` turns a [`RawScenario`] into a
 //! typed [`super::Scenario`] and reports every problem with its field path.
 
 use serde::Deserialize;
