@@ -114,20 +114,20 @@ def prune_to_probabilities(model: onnx.ModelProto, probabilities: str) -> onnx.M
     return model
 
 
-def export_anomaly(clf, name: str, version: int, doc: str) -> onnx.ModelProto:
-    model = to_onnx(clf, np.zeros((1, 9), dtype=np.float32), options={id(clf): {"zipmap": False}},
+def convert(clf, width: int, input_name: str) -> onnx.ModelProto:
+    """skl2onnx's conversion with the input renamed, pruned to the probabilities output."""
+    model = to_onnx(clf, np.zeros((1, width), dtype=np.float32), options={id(clf): {"zipmap": False}},
                     target_opset={"": OPSET, "ai.onnx.ml": 3})
     graph = model.graph
-    graph.input[0].name = "features"
+    graph.input[0].name = input_name
     for node in graph.node:
-        node.input[:] = ["features" if i == "X" else i for i in node.input]
-    model = prune_to_probabilities(model, "probabilities")
-    graph = model.graph
-    graph.initializer.append(helper.make_tensor("faulty_index", TensorProto.INT64, [], [1]))
-    graph.node.append(helper.make_node("Gather", ["probabilities", "faulty_index"], ["score"], axis=1, name="score"))
-    del graph.output[:]
-    graph.output.append(helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"]))
-    graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+        node.input[:] = [input_name if i == "X" else i for i in node.input]
+    return prune_to_probabilities(model, "probabilities")
+
+
+def finish(model: onnx.ModelProto, doc: str, name: str, version: int) -> onnx.ModelProto:
+    """Symbolic batch dimension, documentation and metadata; checked."""
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
     model.doc_string = doc
     model.producer_name = "twin scenarios/models/train.py"
     helper.set_model_props(model, {"name": name, "version": str(version)})
@@ -135,25 +135,24 @@ def export_anomaly(clf, name: str, version: int, doc: str) -> onnx.ModelProto:
     return model
 
 
-def export_digits(clf) -> onnx.ModelProto:
-    model = to_onnx(clf, np.zeros((1, 64), dtype=np.float32), options={id(clf): {"zipmap": False}},
-                    target_opset={"": OPSET, "ai.onnx.ml": 3})
+def export_anomaly(clf, name: str, version: int, doc: str) -> onnx.ModelProto:
+    model = convert(clf, 9, "features")
     graph = model.graph
-    graph.input[0].name = "pixels"
-    for node in graph.node:
-        node.input[:] = ["pixels" if i == "X" else i for i in node.input]
-    model = prune_to_probabilities(model, "probabilities")
+    graph.initializer.append(helper.make_tensor("faulty_index", TensorProto.INT64, [], [1]))
+    graph.node.append(helper.make_node("Gather", ["probabilities", "faulty_index"], ["score"], axis=1, name="score"))
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"]))
+    return finish(model, doc, name, version)
+
+
+def export_digits(clf) -> onnx.ModelProto:
+    model = convert(clf, 64, "pixels")
     graph = model.graph
     graph.node.append(helper.make_node("ArgMax", ["probabilities"], ["class"], axis=1, keepdims=0, name="class"))
     del graph.output[:]
     graph.output.append(helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 10]))
     graph.output.append(helper.make_tensor_value_info("class", TensorProto.INT64, ["N"]))
-    graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
-    model.doc_string = "8x8 digit classifier; pixels scaled to [0, 1] (scikit-learn's digits / 16)"
-    model.producer_name = "twin scenarios/models/train.py"
-    helper.set_model_props(model, {"name": "digits", "version": "1"})
-    onnx.checker.check_model(model)
-    return model
+    return finish(model, "8x8 digit classifier; pixels scaled to [0, 1] (scikit-learn's digits / 16)", "digits", 1)
 
 
 def metrics_of(y_true, y_pred):
