@@ -109,20 +109,17 @@ pub fn inspect_file(file: &Path, as_json: bool) -> Result<(String, bool)> {
     for (key, value) in &info.metadata {
         out.push_str(&format!("  metadata {key}: {value}\n"));
     }
-    for input in &info.inputs {
+    let ports = info
+        .inputs
+        .iter()
+        .map(|t| ("input", t))
+        .chain(info.outputs.iter().map(|t| ("output", t)));
+    for (kind, tensor) in ports {
         out.push_str(&format!(
-            "  input {}: {} [{}]\n",
-            input.name,
-            input.element_type,
-            input.shape.join(", ")
-        ));
-    }
-    for output in &info.outputs {
-        out.push_str(&format!(
-            "  output {}: {} [{}]\n",
-            output.name,
-            output.element_type,
-            output.shape.join(", ")
+            "  {kind} {}: {} [{}]\n",
+            tensor.name,
+            tensor.element_type,
+            tensor.shape.join(", ")
         ));
     }
     let operators: Vec<String> = info.operators.iter().map(|(op, n)| format!("{op} x{n}")).collect();
