@@ -69,8 +69,11 @@ pub fn run_inference(world: &mut World) {
             }),
             Err(_) => None,
         };
-        let Some(scores) = scores else {
-            counters.errors += owners.iter().map(|o| o.rows as u64).sum::<u64>();
+        // A run that failed, or a model whose per-row output does not have one value per row
+        // (it reduces over the batch, say), scores nothing: every row counts as an error.
+        let rows: usize = owners.iter().map(|o| o.rows).sum();
+        let Some(scores) = scores.filter(|s| s.len() == rows) else {
+            counters.errors += rows as u64;
             continue;
         };
         let mut row = 0;
