@@ -26,6 +26,10 @@ struct Tables {
     w: [f64; LAYERS],
     /// Density at each layer's edge.
     f: [f64; LAYERS],
+    /// Right edge of each layer (`edge[0] = 0`).
+    edge: [f64; LAYERS],
+    /// Slope of the chord across each layer's wedge.
+    chord: [f64; LAYERS],
 }
 
 static TABLES: LazyLock<Tables> = LazyLock::new(build_tables);
@@ -50,7 +54,45 @@ fn build_tables() -> Tables {
         f[i] = libm::exp(-0.5 * d * d);
         w[i] = d / M;
     }
-    Tables { k, w, f }
+    let mut edge = [0.0; LAYERS];
+    let mut chord = [0.0; LAYERS];
+    for i in 1..LAYERS {
+        edge[i] = w[i] * M;
+        chord[i] = (f[i] - f[i - 1]) / (edge[i] - edge[i - 1]);
+    }
+    Tables { k, w, f, edge, chord }
+}
+
+/// Margin of the wedge shortcuts: far above the rounding of the bounds and of `libm::exp`,
+/// so a shortcut never decides differently from the exact test.
+const WEDGE_MARGIN: f64 = 1e-9;
+
+/// Decides a wedge point `(ax, y)` of `layer` without `exp` when the density's chord and
+/// tangent bound it clearly: the density is concave below 1 (the chord lies under it, the
+/// tangent at the inner edge over it) and convex above 1 (the other way round). `None` when
+/// the point is too close to call, or the layer straddles 1.
+#[inline]
+fn wedge_shortcut(tables: &Tables, layer: usize, ax: f64, y: f64) -> Option<bool> {
+    let (inner, outer) = (tables.edge[layer - 1], tables.edge[layer]);
+    let chord = tables.f[layer - 1] + tables.chord[layer] * (ax - inner);
+    if outer <= 1.0 {
+        let tangent = tables.f[layer - 1] - inner * tables.f[layer - 1] * (ax - inner);
+        if y < chord - WEDGE_MARGIN {
+            return Some(true);
+        }
+        if y > tangent + WEDGE_MARGIN {
+            return Some(false);
+        }
+    } else if inner >= 1.0 {
+        let tangent = tables.f[layer] - outer * tables.f[layer] * (ax - outer);
+        if y > chord + WEDGE_MARGIN {
+            return Some(false);
+        }
+        if y < tangent - WEDGE_MARGIN {
+            return Some(true);
+        }
+    }
+    None
 }
 
 /// Turns 32 random bits into a standard normal variate, drawing more from `stream` only on the
@@ -81,7 +123,12 @@ fn slow_path(tables: &Tables, mut layer: usize, mut position: f64, stream: &mut 
             }
         }
         let uniform = stream.open01();
-        if tables.f[layer] + uniform * (tables.f[layer - 1] - tables.f[layer]) < libm::exp(-0.5 * x * x) {
+        let y = tables.f[layer] + uniform * (tables.f[layer - 1] - tables.f[layer]);
+        let accept = match wedge_shortcut(tables, layer, x.abs(), y) {
+            Some(decided) => decided,
+            None => y < libm::exp(-0.5 * x * x),
+        };
+        if accept {
             return x;
         }
         let bits = stream.next_u32();
@@ -95,7 +142,63 @@ fn slow_path(tables: &Tables, mut layer: usize, mut position: f64, stream: &mut 
 
 #[cfg(test)]
 mod tests {
+    use super::{TABLES, Tables, from_bits};
     use crate::rng::Stream;
+
+    /// The slow path exactly as it was before the wedge shortcuts: `exp` on every wedge point.
+    fn reference_slow_path(tables: &Tables, mut layer: usize, mut position: f64, stream: &mut Stream) -> f64 {
+        loop {
+            let x = position * tables.w[layer];
+            if layer == 0 {
+                loop {
+                    let tail_x = -libm::log(stream.open01()) / super::R;
+                    let tail_y = -libm::log(stream.open01());
+                    if tail_y + tail_y >= tail_x * tail_x {
+                        return if position > 0.0 {
+                            super::R + tail_x
+                        } else {
+                            -super::R - tail_x
+                        };
+                    }
+                }
+            }
+            let uniform = stream.open01();
+            if tables.f[layer] + uniform * (tables.f[layer - 1] - tables.f[layer]) < libm::exp(-0.5 * x * x) {
+                return x;
+            }
+            let bits = stream.next_u32();
+            layer = (bits & 0xff) as usize;
+            position = f64::from((bits as i32) >> 8);
+            if position.abs() < tables.k[layer] {
+                return position * tables.w[layer];
+            }
+        }
+    }
+
+    #[test]
+    fn wedge_shortcuts_never_change_a_variate() {
+        let tables = &*TABLES;
+        let mut fast = Stream::derive(77, &["wedge"]);
+        let mut reference = Stream::derive(77, &["wedge"]);
+        let mut slow_paths = 0;
+        for _ in 0..4_000_000 {
+            let bits = fast.next_u32();
+            assert_eq!(bits, reference.next_u32());
+            let layer = (bits & 0xff) as usize;
+            let position = f64::from((bits as i32) >> 8);
+            let expected = if position.abs() < tables.k[layer] {
+                position * tables.w[layer]
+            } else {
+                slow_paths += 1;
+                reference_slow_path(tables, layer, position, &mut reference)
+            };
+            assert_eq!(from_bits(bits, &mut fast).to_bits(), expected.to_bits());
+        }
+        assert!(
+            slow_paths > 30_000,
+            "{slow_paths} slow paths: the test must exercise the wedges"
+        );
+    }
 
     #[test]
     fn moments_match_standard_normal() {
