@@ -174,20 +174,9 @@ impl Simulation {
         }
     }
 
-    /// The scenario.
-    pub fn scenario(&self) -> &Arc<Scenario> {
-        &self.scenario
-    }
-
     /// Simulated time reached.
     pub fn now(&self) -> SimDuration {
         SimDuration(self.world.resource::<SimClock>().now)
-    }
-
-    /// Whether the run has reached its end.
-    pub fn is_finished(&self) -> bool {
-        let clock = self.world.resource::<SimClock>();
-        clock.now >= clock.end
     }
 
     /// Runs one step; returns false (doing nothing) once the run has ended.
@@ -208,11 +197,6 @@ impl Simulation {
         let mut clock = self.world.resource_mut::<SimClock>();
         clock.now = clock.step_end;
         true
-    }
-
-    /// Runs to the end.
-    pub fn run_to_end(&mut self) {
-        while self.step() {}
     }
 
     /// Hands every reading recorded since the last call to `sink`, device by device in index

@@ -109,7 +109,25 @@ pub fn from_bits(bits: u32, stream: &mut Stream) -> f64 {
 }
 
 #[cold]
-fn slow_path(tables: &Tables, mut layer: usize, mut position: f64, stream: &mut Stream) -> f64 {
+fn slow_path(tables: &Tables, layer: usize, position: f64, stream: &mut Stream) -> f64 {
+    slow_path_with(tables, layer, position, stream, |layer, x, y| {
+        match wedge_shortcut(tables, layer, x.abs(), y) {
+            Some(decided) => decided,
+            None => y < libm::exp(-0.5 * x * x),
+        }
+    })
+}
+
+/// The slow path with the wedge decision `accept(layer, x, y)` given: the base strip's tail, the wedge
+/// test, and redrawing a point.
+#[inline(always)]
+fn slow_path_with(
+    tables: &Tables,
+    mut layer: usize,
+    mut position: f64,
+    stream: &mut Stream,
+    accept: impl Fn(usize, f64, f64) -> bool,
+) -> f64 {
     loop {
         let x = position * tables.w[layer];
         if layer == 0 {
@@ -124,11 +142,7 @@ fn slow_path(tables: &Tables, mut layer: usize, mut position: f64, stream: &mut 
         }
         let uniform = stream.open01();
         let y = tables.f[layer] + uniform * (tables.f[layer - 1] - tables.f[layer]);
-        let accept = match wedge_shortcut(tables, layer, x.abs(), y) {
-            Some(decided) => decided,
-            None => y < libm::exp(-0.5 * x * x),
-        };
-        if accept {
+        if accept(layer, x, y) {
             return x;
         }
         let bits = stream.next_u32();
@@ -142,37 +156,12 @@ fn slow_path(tables: &Tables, mut layer: usize, mut position: f64, stream: &mut 
 
 #[cfg(test)]
 mod tests {
-    use super::{TABLES, Tables, from_bits};
+    use super::{TABLES, Tables, from_bits, slow_path_with};
     use crate::rng::Stream;
 
-    /// The slow path exactly as it was before the wedge shortcuts: `exp` on every wedge point.
-    fn reference_slow_path(tables: &Tables, mut layer: usize, mut position: f64, stream: &mut Stream) -> f64 {
-        loop {
-            let x = position * tables.w[layer];
-            if layer == 0 {
-                loop {
-                    let tail_x = -libm::log(stream.open01()) / super::R;
-                    let tail_y = -libm::log(stream.open01());
-                    if tail_y + tail_y >= tail_x * tail_x {
-                        return if position > 0.0 {
-                            super::R + tail_x
-                        } else {
-                            -super::R - tail_x
-                        };
-                    }
-                }
-            }
-            let uniform = stream.open01();
-            if tables.f[layer] + uniform * (tables.f[layer - 1] - tables.f[layer]) < libm::exp(-0.5 * x * x) {
-                return x;
-            }
-            let bits = stream.next_u32();
-            layer = (bits & 0xff) as usize;
-            position = f64::from((bits as i32) >> 8);
-            if position.abs() < tables.k[layer] {
-                return position * tables.w[layer];
-            }
-        }
+    /// The slow path as it was before the wedge shortcuts: `exp` on every wedge point.
+    fn reference_slow_path(tables: &Tables, layer: usize, position: f64, stream: &mut Stream) -> f64 {
+        slow_path_with(tables, layer, position, stream, |_, x, y| y < libm::exp(-0.5 * x * x))
     }
 
     #[test]

@@ -139,10 +139,6 @@ pub struct SimClock {
 }
 
 impl SimClock {
-    /// Start of the current step in seconds.
-    pub fn now_secs(&self) -> f64 {
-        self.now as f64 / NANOS_PER_SECOND as f64
-    }
     /// End of the current step in seconds.
     pub fn step_end_secs(&self) -> f64 {
         self.step_end as f64 / NANOS_PER_SECOND as f64
