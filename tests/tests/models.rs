@@ -184,3 +184,33 @@ fn broken_and_unsupported_models_are_refused_with_a_reason() {
         "10 values are not whole rows of 9"
     );
 }
+
+/// The counted cost of each shipped model matches its architecture (train.py): multiply-
+/// accumulates of the dense layers, parameters, family. Projections rest on these numbers.
+#[test]
+fn model_costs_are_counted_from_the_plan() {
+    use twin_core::inference::ModelFamily;
+    // (file, hidden layers, input width, outputs of the last layer)
+    let cases = [
+        ("vibration-anomaly-v1.onnx", vec![9, 2, 1]),
+        ("vibration-anomaly-v2.onnx", vec![9, 16, 8, 1]),
+        ("digits-v1.onnx", vec![64, 32, 10]),
+    ];
+    for (file, layers) in cases {
+        let bytes = std::fs::read(models_dir().join(file)).expect("model file");
+        let cost = CompiledModel::load(&bytes).expect("loads").cost();
+        let macs: u64 = layers.windows(2).map(|w| w[0] * w[1]).sum();
+        let parameters: u64 = layers.windows(2).map(|w| w[0] * w[1] + w[1]).sum();
+        eprintln!("{file}: {cost:?}");
+        assert_eq!(cost.family, ModelFamily::Dense, "{file}");
+        assert_eq!(cost.macs_per_row, macs, "{file}: multiply-accumulates per row");
+        // The graph also holds a few float constants besides the layers' weights (the
+        // converter's sigmoid/softmax helpers).
+        assert!(
+            (parameters..parameters + 4).contains(&cost.parameters),
+            "{file}: {} parameters, layers have {parameters}",
+            cost.parameters
+        );
+        assert!(cost.memory_bytes() >= 4 * parameters, "{file}");
+    }
+}

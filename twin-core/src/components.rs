@@ -17,7 +17,7 @@ use smallvec::SmallVec;
 use crate::fault::ActiveFault;
 use crate::replay::ReplaySeries;
 use crate::rng::Stream;
-use crate::scenario::{Scenario, UploadSpec};
+use crate::scenario::{Placement, Scenario, UploadSpec};
 use crate::stats::{RunStats, WindowAcc};
 
 /// An edge device's identity (a Raspberry Pi, a Jetson, an MCU board...).
@@ -208,6 +208,9 @@ pub struct Topology {
     pub gateways: Vec<Entity>,
 }
 
+/// No index (no shadow, no comparison).
+pub const NONE: u16 = u16::MAX;
+
 /// The model a device runs on each completed window of one of its sensors.
 #[derive(Component, Clone, Copy, Debug)]
 pub struct DeployedModel {
@@ -217,8 +220,21 @@ pub struct DeployedModel {
     pub slot: u16,
     /// Alarm threshold on the score.
     pub threshold: f32,
+    /// Where inference runs.
+    pub placement: Placement,
+    /// A version run beside it on the same rows without acting ([`NONE`] if none).
+    pub shadow: u16,
+    /// The comparison its rows count towards (index into [`Scenario::comparisons`], or
+    /// [`NONE`]).
+    pub comparison: u16,
 }
 
-/// Feature rows of the windows a device completed in the current step, waiting for inference.
+/// Feature rows of the windows a device completed and not yet scored: usually those of the
+/// current step; rows placed in the cloud wait here while the device's gateway is partitioned.
 #[derive(Component, Clone, Debug, Default)]
-pub struct PendingRows(pub Vec<f32>);
+pub struct PendingRows {
+    /// Values, row by row.
+    pub values: Vec<f32>,
+    /// When each row's window closed, in simulated nanoseconds.
+    pub closed_at: Vec<u64>,
+}

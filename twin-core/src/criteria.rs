@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 /// The comparison a criterion makes.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Check {
     /// `<`
@@ -20,23 +20,26 @@ pub enum Check {
     Eq(f64),
     /// Inside `[low, high]`.
     Between(f64, f64),
+    /// A text metric (a rollout's state) equal to this.
+    Is(String),
 }
 
 impl Check {
     /// Whether `value` passes.
-    pub fn holds(self, value: f64) -> bool {
-        match self {
+    pub fn holds(&self, value: f64) -> bool {
+        match *self {
             Self::Lt(t) => value < t,
             Self::Le(t) => value <= t,
             Self::Gt(t) => value > t,
             Self::Ge(t) => value >= t,
             Self::Eq(t) => value == t,
             Self::Between(low, high) => (low..=high).contains(&value),
+            Self::Is(_) => false,
         }
     }
 
     /// The comparison as text, e.g. `< 0.05` or `in [19.5, 20.5]`.
-    pub fn describe(self) -> String {
+    pub fn describe(&self) -> String {
         match self {
             Self::Lt(t) => format!("< {t}"),
             Self::Le(t) => format!("<= {t}"),
@@ -44,6 +47,7 @@ impl Check {
             Self::Ge(t) => format!(">= {t}"),
             Self::Eq(t) => format!("== {t}"),
             Self::Between(low, high) => format!("in [{low}, {high}]"),
+            Self::Is(text) => format!("== \"{text}\""),
         }
     }
 }
@@ -70,8 +74,11 @@ pub struct Verdict {
     pub expression: String,
     /// The comparison, as text.
     pub expect: String,
-    /// Measured value (`null` when a ratio's denominator is 0).
+    /// Measured value (`null` when a ratio's denominator is 0, or for a text metric).
     pub measured: Option<f64>,
+    /// Measured text, for a text metric.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub measured_text: Option<String>,
     /// Whether it passed.
     pub passed: bool,
 }
@@ -85,8 +92,20 @@ impl Criterion {
         }
     }
 
-    /// Evaluates against flattened report metrics. Validation guarantees the names exist.
-    pub fn evaluate(&self, metrics: &BTreeMap<String, f64>) -> Verdict {
+    /// Evaluates against flattened report metrics and text metrics. Validation guarantees the
+    /// names exist.
+    pub fn evaluate(&self, metrics: &BTreeMap<String, f64>, texts: &BTreeMap<String, String>) -> Verdict {
+        if let Check::Is(wanted) = &self.check {
+            let measured = texts.get(&self.metric).cloned();
+            return Verdict {
+                name: self.name.clone(),
+                expression: self.expression(),
+                expect: self.check.describe(),
+                measured: None,
+                passed: measured.as_ref() == Some(wanted),
+                measured_text: measured,
+            };
+        }
         let numerator = metrics.get(&self.metric).copied().unwrap_or(f64::NAN);
         let measured = match &self.divided_by {
             None => Some(numerator),
@@ -105,6 +124,7 @@ impl Criterion {
             expression: self.expression(),
             expect: self.check.describe(),
             measured: measured.filter(|v| v.is_finite()),
+            measured_text: None,
             passed,
         }
     }
@@ -138,7 +158,8 @@ mod tests {
             divided_by: Some("b".into()),
             check: Check::Lt(0.1),
         };
-        let v = c.evaluate(&metrics);
+        let texts = BTreeMap::from([("rollouts.r.state".to_owned(), "completed".to_owned())]);
+        let v = c.evaluate(&metrics, &texts);
         assert!(v.passed);
         assert_eq!(v.measured, Some(0.05));
         let c = Criterion {
@@ -147,7 +168,17 @@ mod tests {
             divided_by: Some("zero".into()),
             check: Check::Lt(0.1),
         };
-        assert!(!c.evaluate(&metrics).passed);
+        assert!(!c.evaluate(&metrics, &texts).passed);
+        let state = |wanted: &str| Criterion {
+            name: "s".into(),
+            metric: "rollouts.r.state".into(),
+            divided_by: None,
+            check: Check::Is(wanted.into()),
+        };
+        assert!(state("completed").evaluate(&metrics, &texts).passed);
+        let failed = state("rolled_back").evaluate(&metrics, &texts);
+        assert!(!failed.passed);
+        assert_eq!(failed.measured_text.as_deref(), Some("completed"));
         assert!(Check::Between(1.0, 2.0).holds(2.0));
         assert!(!Check::Eq(0.0).holds(1.0));
         assert_eq!(edit_distance("edge.rwa.bytes", "edge.raw.bytes"), 2);

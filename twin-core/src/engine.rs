@@ -12,17 +12,18 @@ use bevy_ecs::world::World;
 use bevy_tasks::{ComputeTaskPool, TaskPoolBuilder};
 
 use crate::components::{
-    Channels, ClockSkew, DeployedModel, Device, DeviceState, EdgeBuffer, Gateway, PendingRows, Recorder, ReplayCursor,
-    ReplayCursors, ScenarioSpec, SensorSlot, Sensors, StepOutput, Topology,
+    Channels, ClockSkew, DeployedModel, Device, DeviceState, EdgeBuffer, Gateway, NONE, PendingRows, Recorder,
+    ReplayCursor, ReplayCursors, ScenarioSpec, SensorSlot, Sensors, StepOutput, Topology,
 };
-use crate::metrics::{GatewayMetrics, GroupMetrics, Metrics, ModelMetrics};
+use crate::metrics::{ComparisonMetrics, GatewayMetrics, GroupMetrics, Metrics, ModelMetrics};
 use crate::replay::series_key;
-use crate::report::Report;
+use crate::report::{Deployments, Report, RunOutcome};
 use crate::rng::Stream;
 use crate::scenario::{Scenario, fill_filter};
 use crate::schedule::step_schedule;
 use crate::signal::Signal;
 use crate::stats::RunStats;
+use crate::systems::rollout::Rollouts;
 use crate::systems::storyboard::Storyboard;
 use crate::systems::uplink::UplinkState;
 use crate::time::{SimClock, SimDuration};
@@ -36,6 +37,16 @@ pub fn init_threads(threads: usize) {
             .thread_name("twin-sample".into())
             .build()
     });
+}
+
+/// Whether a device runs its group's shadow: a seeded pick of `fraction` of the group,
+/// stable whatever order devices are spawned in.
+fn shadow_picked(seed: u64, device_id: &str, fraction: f64) -> bool {
+    if fraction >= 1.0 {
+        return true;
+    }
+    let hash = crate::rng::mix(seed, crate::rng::stable_key(&[device_id, "shadow"]));
+    ((hash >> 11) as f64 / (1u64 << 53) as f64) < fraction
 }
 
 /// Options of a run.
@@ -141,10 +152,17 @@ impl Simulation {
                     entity.insert(Recorder(specs.iter().map(|_| Vec::new()).collect()));
                 }
                 if let Some(binding) = group.model {
+                    let shadow = binding
+                        .shadow
+                        .filter(|s| shadow_picked(scenario.seed, &device_id, s.fraction))
+                        .map_or(NONE, |s| s.model as u16);
                     let deployed = DeployedModel {
                         model: binding.model as u16,
                         slot: binding.slot as u16,
                         threshold: binding.threshold,
+                        placement: binding.placement,
+                        shadow,
+                        comparison: NONE,
                     };
                     entity.insert((deployed, PendingRows::default()));
                 }
@@ -157,9 +175,11 @@ impl Simulation {
             groups: vec![GroupMetrics::default(); scenario.groups.len()],
             gateways: vec![GatewayMetrics::default(); scenario.gateways.len()],
             models: vec![ModelMetrics::default(); scenario.models.len()],
+            comparisons: vec![ComparisonMetrics::default(); scenario.comparisons.len()],
             ..Default::default()
         });
         world.insert_resource(Storyboard::new(&scenario));
+        world.insert_resource(Rollouts::default());
         world.insert_resource(SimClock {
             now: 0,
             step_end: 0,
@@ -181,7 +201,14 @@ impl Simulation {
 
     /// Runs one step; returns false (doing nothing) once the run has ended.
     pub fn step(&mut self) -> bool {
-        let next_edge = self.world.resource::<Storyboard>().next_time();
+        let now = self.world.resource::<SimClock>().now;
+        let next_edge = [
+            self.world.resource::<Storyboard>().next_time(),
+            self.world.resource::<Rollouts>().next_time(now),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         let mut clock = self.world.resource_mut::<SimClock>();
         if clock.now >= clock.end {
             return false;
@@ -262,8 +289,23 @@ impl Simulation {
             .iter()
             .map(|&e| self.world.get::<EdgeBuffer>(e).copied().unwrap_or_default())
             .collect();
+        let mut deployments = Deployments::new(&scenario);
+        for &entity in &topology.devices {
+            let Some(deployed) = self.world.get::<DeployedModel>(entity) else {
+                continue;
+            };
+            let group = self.world.get::<Device>(entity).map_or(0, |d| usize::from(d.group));
+            deployments.count(&scenario, group, deployed.model.into(), deployed.placement);
+        }
+        let rollouts = self.world.remove_resource::<Rollouts>().unwrap_or_default();
         let metrics = self.world.resource::<Metrics>();
         let simulated = SimDuration(self.world.resource::<SimClock>().now);
-        Report::build(&scenario, simulated, metrics, &totals, &buffers)
+        let run = RunOutcome {
+            sensor_totals: &totals,
+            buffers: &buffers,
+            deployments: &deployments,
+            rollouts: &rollouts.runs,
+        };
+        Report::build(&scenario, simulated, metrics, &run)
     }
 }

@@ -186,6 +186,104 @@ pub struct CompiledModel {
     input_name: String,
     width: usize,
     outputs: Vec<TensorInfo>,
+    cost: ModelCost,
+}
+
+/// The kind of arithmetic a model is made of: device speed-ups differ by family by about 3x
+/// (see [`crate::hardware`]), so projections keep one factor per family.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelFamily {
+    /// Fully connected layers (MatMul, Gemm): multilayer perceptrons, autoencoders.
+    #[default]
+    Dense,
+    /// Standard convolutions.
+    Conv,
+    /// Depthwise-separable convolutions (grouped Conv).
+    Depthwise,
+}
+
+impl ModelFamily {
+    /// Every family, in order.
+    pub const ALL: [ModelFamily; 3] = [ModelFamily::Dense, ModelFamily::Conv, ModelFamily::Depthwise];
+
+    /// The family's name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Dense => "dense",
+            Self::Conv => "conv",
+            Self::Depthwise => "depthwise",
+        }
+    }
+}
+
+/// What one row costs, counted on the optimized plan with a batch of one: the basis of
+/// hardware projections, identical on every host (no timing involved).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ModelCost {
+    /// Multiply-accumulates per row.
+    pub macs_per_row: u64,
+    /// Parameters (weights and biases).
+    pub parameters: u64,
+    /// Largest intermediate value count per row (activation memory).
+    pub peak_activations: u64,
+    /// The family the arithmetic belongs to.
+    pub family: ModelFamily,
+}
+
+impl ModelCost {
+    /// Bytes the model needs resident: float32 parameters plus two activation buffers.
+    pub fn memory_bytes(&self) -> u64 {
+        4 * (self.parameters + 2 * self.peak_activations)
+    }
+}
+
+/// Counts the cost of one row: multiply-accumulates and parameters as tract's ops declare them
+/// (`TypedOp::cost`) with the batch symbol set to 1, activations from the output facts.
+fn model_cost(model: &TypedModel, batch: &Symbol, graph: &pb::GraphProto) -> Result<ModelCost, ModelError> {
+    let values = SymbolValues::default().with(batch, 1);
+    let mut macs: i64 = 0;
+    let mut peak_activations: i64 = 0;
+    for node in model.nodes() {
+        let inputs = model.node_input_facts(node.id).map_err(tract_error)?;
+        // Published figures count the multiply-accumulates of matrix products and
+        // convolutions only, so elementwise ops (bias, activations) are left out here too.
+        let op = node.op.name();
+        if op.contains("EinSum") || op.contains("MatMul") || op.contains("Conv") || op.contains("Gemm") {
+            for (kind, count) in node.op.cost(&inputs).map_err(tract_error)? {
+                if let tract_onnx::tract_core::ops::Cost::FMA(_) = kind {
+                    macs += count.eval(&values).to_i64().unwrap_or(0);
+                }
+            }
+        }
+        for fact in &node.outputs {
+            let elements = fact.fact.shape.volume().eval(&values).to_i64().unwrap_or(0);
+            peak_activations = peak_activations.max(elements);
+        }
+    }
+    let parameters: i64 = graph
+        .initializer
+        .iter()
+        .filter(|t| t.data_type == pb::tensor_proto::DataType::Float as i32)
+        .map(|t| t.dims.iter().product::<i64>().max(1))
+        .sum();
+    let family = if graph
+        .node
+        .iter()
+        .any(|n| n.op_type == "Conv" && n.attribute.iter().any(|a| a.name == "group" && a.i > 1))
+    {
+        ModelFamily::Depthwise
+    } else if graph.node.iter().any(|n| n.op_type == "Conv") {
+        ModelFamily::Conv
+    } else {
+        ModelFamily::Dense
+    };
+    Ok(ModelCost {
+        macs_per_row: macs.max(0) as u64,
+        parameters: parameters.max(0) as u64,
+        peak_activations: peak_activations.max(0) as u64,
+        family,
+    })
 }
 
 impl CompiledModel {
@@ -259,16 +357,20 @@ impl CompiledModel {
         model
             .set_input_fact(0, f32::fact([batch.to_dim(), width.to_dim()]).into())
             .map_err(tract_error)?;
-        let plan = model
-            .into_optimized()
+        let decluttered = model
+            .into_typed()
             .map_err(tract_error)?
-            .into_runnable()
+            .into_decluttered()
             .map_err(tract_error)?;
+        let cost = model_cost(&decluttered, &batch, graph)?;
+        let optimized = decluttered.into_optimized().map_err(tract_error)?;
+        let plan = optimized.into_runnable().map_err(tract_error)?;
         Ok(Self {
             plan,
             input_name: input.name.clone(),
             width,
             outputs,
+            cost,
         })
     }
 
@@ -285,6 +387,11 @@ impl CompiledModel {
     /// The declared outputs.
     pub fn outputs(&self) -> &[TensorInfo] {
         &self.outputs
+    }
+
+    /// What one row costs (counted, not timed).
+    pub fn cost(&self) -> ModelCost {
+        self.cost
     }
 
     /// Runs the model on `rows` (row by row, `width` values each) as one batch.

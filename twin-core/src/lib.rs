@@ -14,6 +14,7 @@ pub mod criteria;
 pub mod engine;
 pub mod fault;
 pub mod features;
+pub mod hardware;
 pub mod inference;
 pub mod metrics;
 pub mod models;

@@ -1,6 +1,6 @@
 //! Counters the systems add to during a run; the report is built from them at the end.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use bevy_ecs::resource::Resource;
 
@@ -93,6 +93,114 @@ pub struct ModelMetrics {
     pub false_negatives: u64,
     /// Rows a run failed on.
     pub errors: u64,
+    /// Rows scored as a shadow (beside another version, not acting).
+    pub shadow_inferences: u64,
+    /// Inferences by predicted class (classifiers).
+    pub classes: BTreeMap<i64, u64>,
+    /// Projected latency of every acting inference.
+    pub latency: LatencyHistogram,
+    /// Acting inferences whose projected p90 latency exceeded the window deadline.
+    pub deadline_misses: u64,
+    /// Devices with at least one deadline miss.
+    pub devices_missing_deadline: HashSet<u32>,
+}
+
+/// Projected latencies, counted by whole microsecond: p50 and p90 of each call, so the
+/// report can give the fleet's median and 90th percentile exactly and deterministically.
+#[derive(Clone, Debug, Default)]
+pub struct LatencyHistogram {
+    /// Count of inferences by projected median latency (us).
+    pub p50: BTreeMap<u64, u64>,
+    /// Count of inferences by projected 90th-percentile latency (us).
+    pub p90: BTreeMap<u64, u64>,
+}
+
+impl LatencyHistogram {
+    /// Records `count` inferences with the given projected latencies (ms).
+    pub fn record(&mut self, p50_ms: f64, p90_ms: f64, count: u64) {
+        *self.p50.entry((p50_ms * 1e3).round() as u64).or_default() += count;
+        *self.p90.entry((p90_ms * 1e3).round() as u64).or_default() += count;
+    }
+
+    /// `(median of p50s, 90th percentile of p90s)` in milliseconds, `None` when empty.
+    pub fn quantiles_ms(&self) -> Option<(f64, f64)> {
+        Some((quantile(&self.p50, 0.5)?, quantile(&self.p90, 0.9)?))
+    }
+}
+
+fn quantile(counts: &BTreeMap<u64, u64>, q: f64) -> Option<f64> {
+    let total: u64 = counts.values().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = ((q * total as f64).ceil() as u64).max(1);
+    let mut seen = 0;
+    for (value, count) in counts {
+        seen += count;
+        if seen >= rank {
+            return Some(*value as f64 / 1e3);
+        }
+    }
+    counts.keys().next_back().map(|v| *v as f64 / 1e3)
+}
+
+/// Two versions side by side on the same rows (a shadow, or a rollout against each device's
+/// previous version).
+#[derive(Clone, Debug, Default)]
+pub struct ComparisonMetrics {
+    /// Rows both versions scored.
+    pub rows: u64,
+    /// Rows where both reached the same decision (alarm or class).
+    pub agreements: u64,
+    /// Sum of absolute score differences.
+    pub abs_diff_sum: f64,
+    /// Largest absolute score difference.
+    pub abs_diff_max: f64,
+    /// Alarms of the acting version on these rows.
+    pub primary_alarms: u64,
+    /// Alarms the shadow version would have raised.
+    pub shadow_alarms: u64,
+    /// Devices that contributed rows.
+    pub devices: HashSet<u32>,
+    /// Devices of the acting version whose projected p90 missed the deadline.
+    pub deadline_miss_devices: HashSet<u32>,
+    /// Rows the acting version scored (also without a shadow).
+    pub primary_rows: u64,
+}
+
+impl ComparisonMetrics {
+    /// Share of rows with the same decision.
+    pub fn agreement(&self) -> Option<f64> {
+        (self.rows > 0).then(|| self.agreements as f64 / self.rows as f64)
+    }
+
+    /// Alarms per row of the acting version.
+    pub fn alarm_rate(&self) -> Option<f64> {
+        (self.primary_rows > 0).then(|| self.primary_alarms as f64 / self.primary_rows as f64)
+    }
+}
+
+/// Counters of one placement (edge, gateway, cloud) over every model.
+#[derive(Clone, Debug, Default)]
+pub struct PlacementMetrics {
+    /// Devices whose model runs here.
+    pub devices: u64,
+    /// Rows scored.
+    pub inferences: u64,
+    /// Alarms raised.
+    pub alarms: u64,
+    /// Correct decisions where the ground truth is known.
+    pub correct: u64,
+    /// Decisions with a known ground truth.
+    pub labelled: u64,
+    /// Bytes that had to move for these inferences to happen.
+    pub bytes_moved: u64,
+    /// Projected end-to-end latency from window close to decision.
+    pub latency: LatencyHistogram,
+    /// Inferences over their deadline.
+    pub deadline_misses: u64,
+    /// Rows that waited for a partitioned gateway to heal.
+    pub delayed_rows: u64,
 }
 
 /// All counters.
@@ -108,4 +216,8 @@ pub struct Metrics {
     pub events: Vec<EventLog>,
     /// By deployed model version (index into the scenario's models).
     pub models: Vec<ModelMetrics>,
+    /// By comparison (index into the scenario's comparisons).
+    pub comparisons: Vec<ComparisonMetrics>,
+    /// By placement, in [`crate::scenario::Placement::ALL`] order.
+    pub placements: [PlacementMetrics; 3],
 }

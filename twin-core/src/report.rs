@@ -11,13 +11,230 @@ use serde::Serialize;
 
 use crate::components::EdgeBuffer;
 use crate::criteria::Verdict;
-use crate::metrics::{GatewayMetrics, GroupMetrics, Metrics, Volume};
-use crate::scenario::{Scenario, Target};
+use crate::hardware::{self, PROFILES};
+use crate::inference::ModelCost;
+use crate::metrics::{ComparisonMetrics, GatewayMetrics, GroupMetrics, LatencyHistogram, Metrics, Volume};
+use crate::scenario::{Action, Placement, Scenario, Target};
 use crate::stats::RunStats;
+use crate::systems::rollout::RolloutRun;
 use crate::time::SimDuration;
 
 /// Report format version.
 pub const REPORT_SCHEMA: u32 = 1;
+
+/// Every state a rollout can end in, as criteria name them.
+pub const ROLLOUT_STATES: [&str; 4] = ["completed", "rolled_back", "aborted", "in_progress"];
+
+/// Which version each device runs at the end of the run, counted per model version.
+#[derive(Clone, Debug, Default)]
+pub struct Deployments {
+    /// Devices per model version.
+    pub devices: Vec<u64>,
+    /// Devices per model version whose hardware cannot hold the model.
+    pub over_memory: Vec<u64>,
+    /// Devices per placement.
+    pub placements: [u64; 3],
+}
+
+impl Deployments {
+    /// No devices yet.
+    pub fn new(scenario: &Scenario) -> Self {
+        Self {
+            devices: vec![0; scenario.models.len()],
+            over_memory: vec![0; scenario.models.len()],
+            placements: [0; 3],
+        }
+    }
+
+    /// The deployments the scenario starts with.
+    pub fn initial(scenario: &Scenario) -> Self {
+        let mut deployments = Self::new(scenario);
+        for (gi, group) in scenario.groups.iter().enumerate() {
+            if let Some(binding) = group.model {
+                for _ in 0..group.count {
+                    deployments.count(scenario, gi, binding.model, binding.placement);
+                }
+            }
+        }
+        deployments
+    }
+
+    /// Counts one device of `group` running `model` at `placement`.
+    pub fn count(&mut self, scenario: &Scenario, group: usize, model: usize, placement: Placement) {
+        let Some(spec) = scenario.models.get(model) else { return };
+        self.devices[model] += 1;
+        self.placements[placement as usize] += 1;
+        let profile = placement_profile(scenario, group, placement);
+        if !profile.project(&spec.compiled.cost(), 1).fits_memory {
+            self.over_memory[model] += 1;
+        }
+    }
+}
+
+/// The hardware that runs a group's model at a placement.
+fn placement_profile(scenario: &Scenario, group: usize, placement: Placement) -> &'static hardware::Profile {
+    let group = &scenario.groups[group];
+    let index = match placement {
+        Placement::Edge => group.hardware,
+        Placement::Gateway => group
+            .gateway
+            .and_then(|g| scenario.gateways.get(usize::from(g)))
+            .map_or(group.hardware, |g| g.hardware),
+        Placement::Cloud => PROFILES.iter().position(|p| p.name == hardware::CLOUD).unwrap_or(0),
+    };
+    &PROFILES[index]
+}
+
+/// What the engine hands the report besides its counters.
+pub struct RunOutcome<'a> {
+    /// Per (sensor spec, channel) totals.
+    pub sensor_totals: &'a [Vec<RunStats>],
+    /// Gateway buffers at the end.
+    pub buffers: &'a [EdgeBuffer],
+    /// Model versions per device at the end.
+    pub deployments: &'a Deployments,
+    /// Rollouts started.
+    pub rollouts: &'a [RolloutRun],
+}
+
+/// Projected latency, in milliseconds.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
+pub struct LatencyReport {
+    /// Median.
+    pub p50_ms: Option<f64>,
+    /// 90th percentile.
+    pub p90_ms: Option<f64>,
+}
+
+impl From<&LatencyHistogram> for LatencyReport {
+    fn from(h: &LatencyHistogram) -> Self {
+        let q = h.quantiles_ms();
+        Self {
+            p50_ms: q.map(|q| q.0),
+            p90_ms: q.map(|q| q.1),
+        }
+    }
+}
+
+/// A model version on one device class: the projection behind the latency figures.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct HardwareReport {
+    /// One call on one row, median, ms.
+    pub p50_ms: f64,
+    /// 90th percentile, ms.
+    pub p90_ms: f64,
+    /// Whether the model fits the device's memory.
+    pub fits_memory: bool,
+    /// Where the factor comes from.
+    pub source: String,
+}
+
+/// A challenger beside a group's champion.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ShadowReport {
+    /// The acting version.
+    pub champion: String,
+    /// The version run beside it.
+    pub challenger: String,
+    /// Devices that ran both.
+    pub devices: u64,
+    /// Rows both scored.
+    pub rows: u64,
+    /// Share of rows with the same decision.
+    pub agreement: Option<f64>,
+    /// Mean absolute score difference.
+    pub mean_abs_score_diff: Option<f64>,
+    /// Largest absolute score difference.
+    pub max_abs_score_diff: f64,
+    /// Champion's alarms per row on these rows.
+    pub champion_alarm_rate: Option<f64>,
+    /// Challenger's alarms per row on the same rows.
+    pub challenger_alarm_rate: Option<f64>,
+    /// Challenger's projected latency on the group's hardware.
+    pub challenger_latency: HardwareReport,
+}
+
+/// One rollout's metrics since it started.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct RolloutMetrics {
+    /// Updated devices that ran the new version.
+    pub devices_observed: u64,
+    /// Rows the new version scored on updated devices.
+    pub inferences: u64,
+    /// Alarms per row of the new version.
+    pub alarm_rate: Option<f64>,
+    /// Share of rows where the new version decided as the previous one.
+    pub agreement: Option<f64>,
+    /// Updated devices whose projected p90 missed the window deadline.
+    pub deadline_misses: u64,
+}
+
+/// One timeline entry.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct TimelineReport {
+    /// Simulated seconds.
+    pub at_s: f64,
+    /// Stage.
+    pub stage: String,
+    /// What happened.
+    pub action: String,
+    /// Devices on the new version afterwards.
+    pub devices: u64,
+    /// Why.
+    pub detail: String,
+}
+
+/// One rollout as it ran.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct RolloutReport {
+    /// Name.
+    pub name: String,
+    /// `name@version` rolled out.
+    pub model: String,
+    /// `completed`, `rolled_back`, `aborted` or `in_progress`.
+    pub state: String,
+    /// Start, simulated seconds.
+    pub started_at_s: f64,
+    /// Devices targeted.
+    pub devices_targeted: u64,
+    /// Devices on the new version at the end.
+    pub devices_updated: u64,
+    /// Stages passed.
+    pub stages_passed: u64,
+    /// Stages in all.
+    pub stages: u64,
+    /// Why it stopped, when aborted.
+    pub reason: Option<String>,
+    /// Gate metrics.
+    pub metrics: RolloutMetrics,
+    /// What happened, in order.
+    pub timeline: Vec<TimelineReport>,
+}
+
+/// One placement over every model.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct PlacementReport {
+    /// Devices whose model runs here (at the end).
+    pub devices: u64,
+    /// Rows scored.
+    pub inferences: u64,
+    /// Alarms.
+    pub alarms: u64,
+    /// Alarms per inference.
+    pub alarm_rate: Option<f64>,
+    /// Correct decisions over decisions with a known ground truth.
+    pub accuracy: Option<f64>,
+    /// Bytes moved for inference (inputs to the model, decisions to the cloud).
+    pub bytes_moved: u64,
+    /// Bytes per inference.
+    pub bytes_per_inference: Option<f64>,
+    /// End-to-end latency from window close to decision.
+    pub latency: LatencyReport,
+    /// Inferences over their window deadline.
+    pub deadline_misses: u64,
+    /// Rows that waited for a partition to heal.
+    pub delayed_rows: u64,
+}
 
 /// Messages and bytes.
 #[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
@@ -201,6 +418,24 @@ pub struct ModelReport {
     pub recall: Option<f64>,
     /// Rows a run failed on.
     pub errors: u64,
+    /// Rows scored as a shadow, without acting.
+    pub shadow_inferences: u64,
+    /// Inferences by predicted class (classifiers).
+    pub classes: BTreeMap<String, u64>,
+    /// What one row costs (counted on the plan).
+    pub cost: ModelCost,
+    /// Memory the model needs, bytes.
+    pub memory_bytes: u64,
+    /// Observed projected latency of its inferences (placement, batching and waits included).
+    pub latency: LatencyReport,
+    /// Projection on every device class running it, by profile name.
+    pub hardware: BTreeMap<String, HardwareReport>,
+    /// Inferences whose projected p90 missed the window deadline.
+    pub deadline_misses: u64,
+    /// Devices with at least one miss.
+    pub devices_missing_deadline: u64,
+    /// Devices whose hardware cannot hold the model.
+    pub devices_over_memory: u64,
 }
 
 fn ratio(numerator: u64, denominator: u64) -> Option<f64> {
@@ -208,7 +443,7 @@ fn ratio(numerator: u64, denominator: u64) -> Option<f64> {
 }
 
 impl ModelReport {
-    fn new(sha256: &str, devices: u64, m: &crate::metrics::ModelMetrics) -> Self {
+    fn new(sha256: &str, devices: u64, cost: ModelCost, m: &crate::metrics::ModelMetrics) -> Self {
         let labelled = m.true_positives + m.false_positives + m.true_negatives + m.false_negatives;
         Self {
             sha256: sha256.to_owned(),
@@ -225,7 +460,60 @@ impl ModelReport {
             precision: ratio(m.true_positives, m.true_positives + m.false_positives),
             recall: ratio(m.true_positives, m.true_positives + m.false_negatives),
             errors: m.errors,
+            shadow_inferences: m.shadow_inferences,
+            classes: m.classes.iter().map(|(c, n)| (c.to_string(), *n)).collect(),
+            cost,
+            memory_bytes: cost.memory_bytes(),
+            latency: (&m.latency).into(),
+            hardware: BTreeMap::new(),
+            deadline_misses: m.deadline_misses,
+            devices_missing_deadline: m.devices_missing_deadline.len() as u64,
+            devices_over_memory: 0,
         }
+    }
+}
+
+fn hardware_report(profile: &hardware::Profile, cost: &ModelCost) -> HardwareReport {
+    let projection = profile.project(cost, 1);
+    HardwareReport {
+        p50_ms: projection.p50_ms,
+        p90_ms: projection.p90_ms,
+        fits_memory: projection.fits_memory,
+        source: profile.factor(cost.family).source.to_owned(),
+    }
+}
+
+fn rollout_report(run: &RolloutRun, scenario: &Scenario, c: &ComparisonMetrics) -> RolloutReport {
+    let spec = &run.spec;
+    let passed = run.timeline.iter().filter(|t| t.action == "passed").count() as u64;
+    RolloutReport {
+        name: spec.name.clone(),
+        model: scenario.models.get(spec.model).map(|m| m.label()).unwrap_or_default(),
+        state: run.state.name().to_owned(),
+        started_at_s: SimDuration(run.started_at).as_secs_f64(),
+        devices_targeted: spec.order.len() as u64,
+        devices_updated: run.updated(),
+        stages_passed: passed,
+        stages: spec.stages.len() as u64,
+        reason: run.reason.clone(),
+        metrics: RolloutMetrics {
+            devices_observed: c.devices.len() as u64,
+            inferences: c.primary_rows,
+            alarm_rate: c.alarm_rate(),
+            agreement: c.agreement(),
+            deadline_misses: c.deadline_miss_devices.len() as u64,
+        },
+        timeline: run
+            .timeline
+            .iter()
+            .map(|t| TimelineReport {
+                at_s: SimDuration(t.at).as_secs_f64(),
+                stage: t.stage.clone(),
+                action: t.action.to_owned(),
+                devices: t.devices,
+                detail: t.detail.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -288,6 +576,12 @@ pub struct Report {
     pub gateways: BTreeMap<String, GatewayReport>,
     /// Per deployed model version (`name@version`).
     pub models: BTreeMap<String, ModelReport>,
+    /// Per group with a shadow.
+    pub shadows: BTreeMap<String, ShadowReport>,
+    /// Per placement in use (`edge`, `gateway`, `cloud`).
+    pub placements: BTreeMap<String, PlacementReport>,
+    /// Rollouts, in start order.
+    pub rollouts: Vec<RolloutReport>,
     /// Storyboard events.
     pub events: Vec<EventReport>,
     /// Criteria verdicts.
@@ -312,13 +606,8 @@ const FAULT_KINDS: [&str; 10] = [
 
 impl Report {
     /// Builds the report from the run's counters and per-sensor totals, then evaluates criteria.
-    pub fn build(
-        scenario: &Scenario,
-        simulated: SimDuration,
-        metrics: &Metrics,
-        sensor_totals: &[Vec<RunStats>],
-        buffers: &[EdgeBuffer],
-    ) -> Self {
+    pub fn build(scenario: &Scenario, simulated: SimDuration, metrics: &Metrics, run: &RunOutcome<'_>) -> Self {
+        let (sensor_totals, buffers) = (run.sensor_totals, run.buffers);
         let seconds = simulated.as_secs_f64();
         let mut groups = BTreeMap::new();
         let mut edge = EdgeReport::default();
@@ -407,15 +696,84 @@ impl Report {
         }
         let mut models = BTreeMap::new();
         for (index, model) in scenario.models.iter().enumerate() {
-            let devices = scenario
+            let devices = run.deployments.devices.get(index).copied().unwrap_or(0);
+            let counters = metrics.models.get(index).cloned().unwrap_or_default();
+            let cost = model.compiled.cost();
+            let mut report = ModelReport::new(&model.sha256, devices, cost, &counters);
+            report.devices_over_memory = run.deployments.over_memory.get(index).copied().unwrap_or(0);
+            for (gi, group) in scenario.groups.iter().enumerate() {
+                let Some(binding) = group.model else { continue };
+                let runs_it = binding.model == index
+                    || binding.shadow.is_some_and(|s| s.model == index)
+                    || scenario.events.iter().any(
+                        |e| matches!(&e.action, Action::Rollout(r) if r.model == index && r.model_name == model.name),
+                    ) && scenario.models[binding.model].name == model.name;
+                if runs_it {
+                    let profile = placement_profile(scenario, gi, binding.placement);
+                    report
+                        .hardware
+                        .entry(profile.name.to_owned())
+                        .or_insert_with(|| hardware_report(profile, &cost));
+                }
+            }
+            models.insert(model.label(), report);
+        }
+        let mut shadows = BTreeMap::new();
+        for (gi, group) in scenario.groups.iter().enumerate() {
+            let Some(binding) = group.model else { continue };
+            let Some(shadow) = binding.shadow else { continue };
+            let c = metrics.comparisons.get(shadow.comparison).cloned().unwrap_or_default();
+            let profile = placement_profile(scenario, gi, binding.placement);
+            shadows.insert(
+                group.name.clone(),
+                ShadowReport {
+                    champion: scenario.models[binding.model].label(),
+                    challenger: scenario.models[shadow.model].label(),
+                    devices: c.devices.len() as u64,
+                    rows: c.rows,
+                    agreement: c.agreement(),
+                    mean_abs_score_diff: (c.rows > 0).then(|| c.abs_diff_sum / c.rows as f64),
+                    max_abs_score_diff: c.abs_diff_max,
+                    champion_alarm_rate: ratio(c.primary_alarms, c.primary_rows),
+                    challenger_alarm_rate: ratio(c.shadow_alarms, c.rows),
+                    challenger_latency: hardware_report(profile, &scenario.models[shadow.model].compiled.cost()),
+                },
+            );
+        }
+        let mut placements = BTreeMap::new();
+        for placement in Placement::ALL {
+            let used = scenario
                 .groups
                 .iter()
-                .filter(|g| g.model.is_some_and(|b| b.model == index))
-                .map(|g| u64::from(g.count))
-                .sum();
-            let counters = metrics.models.get(index).cloned().unwrap_or_default();
-            models.insert(model.label(), ModelReport::new(&model.sha256, devices, &counters));
+                .any(|g| g.model.is_some_and(|b| b.placement == placement));
+            if !used {
+                continue;
+            }
+            let p = &metrics.placements[placement as usize];
+            placements.insert(
+                placement.name().to_owned(),
+                PlacementReport {
+                    devices: run.deployments.placements[placement as usize],
+                    inferences: p.inferences,
+                    alarms: p.alarms,
+                    alarm_rate: ratio(p.alarms, p.inferences),
+                    accuracy: ratio(p.correct, p.labelled),
+                    bytes_moved: p.bytes_moved,
+                    bytes_per_inference: (p.inferences > 0).then(|| p.bytes_moved as f64 / p.inferences as f64),
+                    latency: (&p.latency).into(),
+                    deadline_misses: p.deadline_misses,
+                    delayed_rows: p.delayed_rows,
+                },
+            );
         }
+        let rollouts = run
+            .rollouts
+            .iter()
+            .map(|r| {
+                let c = metrics.comparisons.get(r.spec.comparison).cloned().unwrap_or_default();
+                rollout_report(r, scenario, &c)
+            })
+            .collect();
         let total_device_seconds = f64::from(scenario.device_count()) * seconds;
         let mut faults: BTreeMap<String, u64> = FAULT_KINDS.iter().map(|k| ((*k).to_owned(), 0)).collect();
         for (kind, count) in &metrics.fault_activations {
@@ -466,12 +824,16 @@ impl Report {
             groups,
             gateways,
             models,
+            shadows,
+            placements,
+            rollouts,
             events,
             criteria: Vec::new(),
             passed: true,
         };
         let values = report.metrics();
-        report.criteria = scenario.criteria.iter().map(|c| c.evaluate(&values)).collect();
+        let texts = report.texts();
+        report.criteria = scenario.criteria.iter().map(|c| c.evaluate(&values, &texts)).collect();
         report.passed = report.criteria.iter().all(|v| v.passed);
         report
     }
@@ -485,10 +847,26 @@ impl Report {
                 if key == "events" || key == "criteria" {
                     continue;
                 }
+                if key == "rollouts" {
+                    for rollout in value.as_array().into_iter().flatten() {
+                        let name = rollout["name"].as_str().unwrap_or_default();
+                        flatten(&format!("rollouts.{name}"), rollout, &mut out);
+                    }
+                    continue;
+                }
                 flatten(&key, &value, &mut out);
             }
         }
         out
+    }
+
+    /// Every text metric criteria can compare with `equals`: each rollout's state
+    /// (`rollouts.NAME.state`).
+    pub fn texts(&self) -> BTreeMap<String, String> {
+        self.rollouts
+            .iter()
+            .map(|r| (format!("rollouts.{}.state", r.name), r.state.clone()))
+            .collect()
     }
 
     /// The report as pretty JSON with a trailing newline.
@@ -519,8 +897,9 @@ fn flatten(prefix: &str, value: &serde_json::Value, out: &mut BTreeMap<String, f
     }
 }
 
-/// The metric names a scenario's report will have (for validating criteria before a run).
-pub fn metric_names(scenario: &Scenario) -> std::collections::BTreeSet<String> {
+/// The metric names a scenario's report will have (for validating criteria before a run):
+/// numbers, then texts.
+pub fn metric_names(scenario: &Scenario) -> (std::collections::BTreeSet<String>, std::collections::BTreeSet<String>) {
     let totals: Vec<Vec<RunStats>> = scenario
         .sensors
         .iter()
@@ -530,14 +909,33 @@ pub fn metric_names(scenario: &Scenario) -> std::collections::BTreeSet<String> {
         groups: vec![GroupMetrics::default(); scenario.groups.len()],
         gateways: vec![GatewayMetrics::default(); scenario.gateways.len()],
         models: vec![Default::default(); scenario.models.len()],
+        comparisons: vec![Default::default(); scenario.comparisons.len()],
         ..Default::default()
     };
     let buffers = vec![EdgeBuffer::default(); scenario.gateways.len()];
     let mut skeleton_scenario = scenario.clone();
     skeleton_scenario.criteria.clear();
-    let report = Report::build(&skeleton_scenario, scenario.clock.duration, &metrics, &totals, &buffers);
+    let rollouts: Vec<RolloutRun> = scenario
+        .events
+        .iter()
+        .filter_map(|e| match &e.action {
+            Action::Rollout(spec) => Some(RolloutRun::pending(spec.clone(), e.at.0)),
+            _ => None,
+        })
+        .collect();
+    let deployments = Deployments::initial(scenario);
+    let run = RunOutcome {
+        sensor_totals: &totals,
+        buffers: &buffers,
+        deployments: &deployments,
+        rollouts: &rollouts,
+    };
+    let report = Report::build(&skeleton_scenario, scenario.clock.duration, &metrics, &run);
     // Statistics without readings are null in the skeleton; null values keep their names.
-    report.metrics().into_keys().collect()
+    (
+        report.metrics().into_keys().collect(),
+        report.texts().into_keys().collect(),
+    )
 }
 
 fn edge_report(m: &GroupMetrics) -> EdgeReport {

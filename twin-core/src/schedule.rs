@@ -2,7 +2,7 @@
 
 use bevy_ecs::schedule::{IntoScheduleConfigs, Schedule, SingleThreadedExecutor, SystemSet};
 
-use crate::systems::{infer, sample, storyboard, uplink};
+use crate::systems::{infer, rollout, sample, storyboard, uplink};
 
 /// The phases of a step, in order.
 #[derive(SystemSet, Debug, Clone, PartialEq, Eq, Hash)]
@@ -11,7 +11,7 @@ pub enum StepSet {
     Storyboard,
     /// Sensors produce their readings (parallel across sensors).
     Sample,
-    /// Models score the windows devices completed.
+    /// Models score the windows devices completed; rollouts advance on what they decided.
     Infer,
     /// Traffic leaves the edge: to the cloud, a gateway buffer, or lost.
     Uplink,
@@ -38,6 +38,9 @@ pub fn step_schedule() -> Schedule {
         storyboard::apply_due_events.in_set(StepSet::Storyboard),
         sample::sample_sensors.in_set(StepSet::Sample),
         infer::run_inference.in_set(StepSet::Infer),
+        rollout::advance_rollouts
+            .in_set(StepSet::Infer)
+            .after(infer::run_inference),
         uplink::forward_uplink.in_set(StepSet::Uplink),
         uplink::measure_staleness.in_set(StepSet::Observe),
     ));

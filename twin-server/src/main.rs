@@ -190,8 +190,12 @@ fn main() -> ExitCode {
         Command::Models { command } => run_models(command),
         Command::Metrics { file } => match load_scenario(&file, LoadOptions::default()) {
             Ok(scenario) => {
-                for name in twin_core::report::metric_names(&scenario) {
+                let (numbers, texts) = twin_core::report::metric_names(&scenario);
+                for name in numbers {
                     println!("{name}");
+                }
+                for name in texts {
+                    println!("{name}  (text: compare with equals)");
                 }
                 EXIT_OK
             }

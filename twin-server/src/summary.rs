@@ -105,9 +105,11 @@ fn render_criteria(out: &mut String, report: &Report) {
         report.criteria.len() - failed
     );
     for verdict in &report.criteria {
-        let measured = verdict
-            .measured
-            .map_or_else(|| "undefined".to_owned(), |v| format!("{v}"));
+        let measured = match (&verdict.measured_text, verdict.measured) {
+            (Some(text), _) => format!("\"{text}\""),
+            (None, Some(v)) => format!("{v}"),
+            (None, None) => "undefined".to_owned(),
+        };
         let _ = writeln!(
             out,
             "  {} {}: {} = {measured} (expected {})",

@@ -181,6 +181,8 @@ pub struct GatewaySpec {
     pub site: Option<String>,
     /// Edge buffer capacity during partitions.
     pub buffer_bytes: u64,
+    /// Hardware profile (index into [`crate::hardware::PROFILES`]) for models placed here.
+    pub hardware: usize,
 }
 
 /// A group of identical devices.
@@ -206,6 +208,8 @@ pub struct GroupSpec {
     pub faulty: Option<bool>,
     /// The model the group's devices run, if any.
     pub model: Option<ModelBinding>,
+    /// Hardware profile of the devices (index into [`crate::hardware::PROFILES`]).
+    pub hardware: usize,
 }
 
 /// A model version a scenario deploys, loaded and compiled once.
@@ -237,6 +241,123 @@ pub struct ModelBinding {
     pub slot: usize,
     /// Alarm when the score is at least this.
     pub threshold: f32,
+    /// Where inference runs.
+    pub placement: Placement,
+    /// A challenger beside the model, if any.
+    pub shadow: Option<ShadowSpec>,
+}
+
+/// Where a group's model runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Placement {
+    /// On the device, right when its window closes.
+    Edge,
+    /// On the device's gateway: the window's raw readings travel over the site network.
+    Gateway,
+    /// In the cloud, on what the uplink delivers (summaries in summary mode), after the
+    /// upload; while the gateway is partitioned the rows wait.
+    Cloud,
+}
+
+impl Placement {
+    /// Every placement, in order.
+    pub const ALL: [Placement; 3] = [Placement::Edge, Placement::Gateway, Placement::Cloud];
+
+    /// The placement's name in scenarios and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Edge => "edge",
+            Self::Gateway => "gateway",
+            Self::Cloud => "cloud",
+        }
+    }
+}
+
+/// A challenger run beside a group's model on a fraction of its devices.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ShadowSpec {
+    /// Index into [`Scenario::models`].
+    pub model: usize,
+    /// Fraction of the group's devices (seeded pick).
+    pub fraction: f64,
+    /// Index into [`Scenario::comparisons`].
+    pub comparison: usize,
+}
+
+/// One side-by-side comparison of two versions on the same inputs: a group's shadow, or the
+/// new and previous versions during a rollout.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ComparisonSpec {
+    /// Label in the report (`group` or rollout name).
+    pub label: String,
+    /// The version that acts.
+    pub primary: usize,
+    /// The version that runs beside it without acting (`None` in a rollout, where each
+    /// device's previous version does).
+    pub shadow: Option<usize>,
+}
+
+/// Conditions on a rollout's updated devices; every condition given must hold (success) or
+/// any one trips (abort).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Gate {
+    /// Alarm rate of the new version below.
+    pub alarm_rate_below: Option<f64>,
+    /// Alarm rate above.
+    pub alarm_rate_above: Option<f64>,
+    /// Agreement with the previous version below.
+    pub agreement_below: Option<f64>,
+    /// Agreement above.
+    pub agreement_above: Option<f64>,
+    /// Updated devices missing their deadline, above.
+    pub deadline_misses_above: Option<u64>,
+}
+
+impl Gate {
+    /// Whether the gate has any condition.
+    pub fn is_empty(&self) -> bool {
+        *self == Gate::default()
+    }
+}
+
+/// One stage of a rollout.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StageSpec {
+    /// `canary`, `wave 1`, ...
+    pub name: String,
+    /// Cumulative fraction of the targeted devices.
+    pub fraction: f64,
+    /// Cumulative devices updated once the stage is deployed.
+    pub devices: u32,
+    /// Soak before the gate.
+    pub soak: SimDuration,
+}
+
+/// A staged rollout of a model version.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RolloutSpec {
+    /// Name in the report.
+    pub name: String,
+    /// Model name.
+    pub model_name: String,
+    /// `name@version` rolled out.
+    pub label: String,
+    /// The version rolled out (index into [`Scenario::models`]).
+    pub model: usize,
+    /// Targeted devices in update order (a seeded ranking).
+    pub order: Vec<u32>,
+    /// Stages, canary first.
+    pub stages: Vec<StageSpec>,
+    /// Devices that must have run the new version before gates are evaluated.
+    pub min_devices: u32,
+    /// Gate to the next stage.
+    pub success: Gate,
+    /// Abort conditions.
+    pub abort: Gate,
+    /// Roll back on abort (else halt).
+    pub rollback: bool,
+    /// Index into [`Scenario::comparisons`].
+    pub comparison: usize,
 }
 
 impl GroupSpec {
@@ -309,6 +430,8 @@ pub enum Action {
     Partition,
     /// Devices switch upload settings.
     Upload(UploadSpec),
+    /// A staged model rollout to the targeted devices.
+    Rollout(Arc<RolloutSpec>),
 }
 
 impl Action {
@@ -320,6 +443,7 @@ impl Action {
             Self::ClockSkew { .. } => "clock_skew",
             Self::Partition => "partition",
             Self::Upload(_) => "upload",
+            Self::Rollout(_) => "rollout",
         }
     }
 }
@@ -373,6 +497,8 @@ pub struct Scenario {
     pub criteria: Vec<Criterion>,
     /// Model versions deployed by the scenario.
     pub models: Vec<ModelSpec>,
+    /// Side-by-side comparisons (shadows, then rollouts).
+    pub comparisons: Vec<ComparisonSpec>,
 }
 
 impl Scenario {

@@ -63,6 +63,93 @@ pub struct RawModelBinding {
     pub sensor: String,
     /// Alarm threshold on the score (default: the manifest's, else 0.5).
     pub threshold: Option<f64>,
+    /// Where the model runs (default edge).
+    pub placement: Option<RawPlacement>,
+    /// A challenger run beside the model on the same inputs, without acting.
+    pub shadow: Option<RawShadow>,
+}
+
+/// Where inference runs.
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RawPlacement {
+    /// On the device.
+    Edge,
+    /// On the device's gateway.
+    Gateway,
+    /// In the cloud, on what the uplink delivers.
+    Cloud,
+}
+
+/// `shadow = { version, fraction }`
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct RawShadow {
+    /// Version number or alias of the same model (e.g. "challenger").
+    pub version: toml::Value,
+    /// Fraction of the group's devices that run it (default 1).
+    pub fraction: Option<f64>,
+}
+
+/// `rollout = { ... }` in a storyboard event.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct RawRollout {
+    /// Name in the report (default `rollout-<event index>`).
+    pub name: Option<String>,
+    /// Model name.
+    pub model: String,
+    /// Version number or alias to roll out.
+    pub version: toml::Value,
+    /// First stage: a small fraction that soaks before any wave.
+    pub canary: Option<RawWave>,
+    /// Later stages: cumulative fractions of the targeted devices, increasing.
+    #[serde(default)]
+    pub waves: Vec<RawWave>,
+    /// Devices that must have run the new version before any gate is evaluated (default 1).
+    pub min_devices: Option<i64>,
+    /// Gate to the next stage, checked when a stage's soak ends.
+    pub success: Option<RawGate>,
+    /// Checked after every step once `min_devices` have run the new version.
+    pub abort: Option<RawGate>,
+    /// What an abort does (default rollback).
+    pub on_abort: Option<RawOnAbort>,
+}
+
+/// One rollout stage.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct RawWave {
+    /// Cumulative fraction of the targeted devices running the new version after this stage.
+    pub fraction: f64,
+    /// How long the stage soaks before its gate is checked.
+    pub soak: SimDuration,
+}
+
+/// Conditions on the updated devices' metrics since the rollout started.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawGate {
+    /// Alarms per inference of the new version, below.
+    pub alarm_rate_below: Option<f64>,
+    /// Alarms per inference of the new version, above.
+    pub alarm_rate_above: Option<f64>,
+    /// Share of decisions equal to the previous version's on the same inputs, below.
+    pub agreement_below: Option<f64>,
+    /// Share of decisions equal to the previous version's, above.
+    pub agreement_above: Option<f64>,
+    /// Updated devices whose projected p90 latency misses the window deadline, above.
+    pub deadline_misses_above: Option<i64>,
+}
+
+/// What an abort does.
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RawOnAbort {
+    /// Every updated device goes back to the version it ran before.
+    Rollback,
+    /// No further stage; updated devices keep the new version.
+    Halt,
 }
 
 /// `[meta]`
@@ -118,6 +205,8 @@ pub struct RawGateway {
     pub site: Option<String>,
     /// Edge buffer for partitions, in bytes (default 1 MiB).
     pub buffer_bytes: Option<i64>,
+    /// Device class, for models placed on the gateway (default jetson-nano-gpu).
+    pub hardware: Option<String>,
 }
 
 /// Upload mode in a scenario file.
@@ -165,6 +254,8 @@ pub struct RawGroup {
     pub label: Option<RawLabel>,
     /// The model the devices run on each completed window.
     pub model: Option<RawModelBinding>,
+    /// Device class for latency projections (default rpi4-cpu).
+    pub hardware: Option<String>,
 }
 
 /// `[[fleet.sensors]]`
@@ -371,6 +462,8 @@ pub struct RawEvent {
     pub partition: Option<RawEmpty>,
     /// Change of upload mode.
     pub upload: Option<RawUpload>,
+    /// A staged model rollout.
+    pub rollout: Option<RawRollout>,
 }
 
 /// An action without parameters (`crash = {}`).
@@ -490,4 +583,6 @@ pub struct RawCriterion {
     pub eq: Option<f64>,
     /// Within `[low, high]`.
     pub between: Option<Vec<f64>>,
+    /// Equal to a text value (rollout states).
+    pub equals: Option<String>,
 }

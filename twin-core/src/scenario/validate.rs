@@ -10,13 +10,14 @@ use nalgebra::{Rotation3, Vector3};
 use super::location::FieldPath;
 use super::raw::{self, RawScenario};
 use super::{
-    Action, ClockSpec, Diagnostic, ESTIMATED_BYTES_PER_DEVICE, ESTIMATED_BYTES_PER_SENSOR, EventSpec, FileSource,
-    GatewaySpec, GroupSpec, IdTemplate, LoadOptions, ModelBinding, ModelSpec, Scenario, SensorSpec, Target, UploadMode,
-    UploadSpec,
+    Action, ClockSpec, ComparisonSpec, Diagnostic, ESTIMATED_BYTES_PER_DEVICE, ESTIMATED_BYTES_PER_SENSOR, EventSpec,
+    FileSource, Gate, GatewaySpec, GroupSpec, IdTemplate, LoadOptions, ModelBinding, ModelSpec, Placement, RolloutSpec,
+    Scenario, SensorSpec, ShadowSpec, StageSpec, Target, UploadMode, UploadSpec,
 };
 use crate::criteria::{Check, Criterion, edit_distance};
 use crate::fault::SensorFault;
 use crate::features;
+use crate::hardware;
 use crate::inference::CompiledModel;
 use crate::models::{Registry, sha256_hex};
 use crate::replay::{self, Origin, ReplayFormat, ReplaySpec};
@@ -135,14 +136,22 @@ pub(super) fn validate(
         events: Vec::new(),
         criteria: Vec::new(),
         models: Vec::new(),
+        comparisons: Vec::new(),
     };
     if !checker.problems.is_empty() {
         return Err(checker.problems);
     }
     let mut partial = partial;
     check_replay_coverage(&mut checker, &mut partial);
-    validate_models(&mut checker, &raw, &mut partial, files);
-    let events = validate_storyboard(&mut checker, &raw.storyboard, &partial, &root.key("storyboard"));
+    let loader = validate_models(&mut checker, &raw, &mut partial, files);
+    let events = validate_storyboard(
+        &mut checker,
+        &raw.storyboard,
+        &mut partial,
+        loader.as_ref(),
+        files,
+        &root.key("storyboard"),
+    );
     let mut scenario = Scenario { events, ..partial };
     scenario.criteria = validate_criteria(&mut checker, &raw.criteria, &scenario, &root.key("criteria"));
     if checker.problems.is_empty() {
@@ -201,10 +210,16 @@ fn validate_gateways(checker: &mut Checker, raw: &[raw::RawGateway], path: &Fiel
             }
             Some(b) => b as u64,
         };
+        let hardware = hardware_profile(
+            checker,
+            gateway.hardware.as_deref().unwrap_or(hardware::DEFAULT_GATEWAY),
+            &path.key("hardware"),
+        );
         gateways.push(GatewaySpec {
             name: gateway.name.clone(),
             site: gateway.site.clone(),
             buffer_bytes,
+            hardware,
         });
     }
     gateways
@@ -347,6 +362,11 @@ fn validate_fleet(
             first_device: first_device.min(u64::from(u32::MAX)) as u32,
             faulty: group.label.map(|l| l == raw::RawLabel::Faulty),
             model: None,
+            hardware: hardware_profile(
+                checker,
+                group.hardware.as_deref().unwrap_or(hardware::DEFAULT_DEVICE),
+                &path.key("hardware"),
+            ),
         });
         first_device = first_device.saturating_add(count);
     }
@@ -371,6 +391,20 @@ fn validate_fleet(
         check_duplicate_ids(checker, &groups, path);
     }
     (groups, sensors)
+}
+
+/// The index of the hardware profile `name`, or a problem listing the known ones.
+fn hardware_profile(checker: &mut Checker, name: &str, path: &FieldPath) -> usize {
+    match hardware::PROFILES.iter().position(|p| p.name == name) {
+        Some(index) => index,
+        None => {
+            checker.report(
+                path,
+                format!("unknown hardware `{name}` (profiles: {})", hardware::profile_names()),
+            );
+            0
+        }
+    }
 }
 
 /// Most readings one device may take in one step, or one channel in one window (counters are
@@ -941,104 +975,177 @@ fn check_replay_coverage(checker: &mut Checker, scenario: &mut Scenario) {
     }
 }
 
-/// Loads the registry, resolves each group's model, checks its file against the manifest's
-/// sha256, compiles it once per version, and binds it to a sensor whose window features have
-/// the model's input width.
-fn validate_models(checker: &mut Checker, raw: &RawScenario, scenario: &mut Scenario, files: &dyn FileSource) {
-    let bindings: Vec<(usize, &raw::RawModelBinding)> = raw
+/// The registry a scenario names, and the folder its model files are relative to.
+struct ModelLoader {
+    registry: Registry,
+    folder: String,
+}
+
+impl ModelLoader {
+    /// Reads and parses the registry; `None` (with a problem) if it cannot be read.
+    fn open(checker: &mut Checker, raw: &RawScenario, files: &dyn FileSource) -> Option<Self> {
+        let registry_path = raw
+            .models
+            .as_ref()
+            .and_then(|m| m.registry.clone())
+            .unwrap_or_else(|| "models/manifest.json".to_owned());
+        let registry_field = FieldPath::root().key("models").key("registry");
+        let text = match files.read_to_string(&registry_path) {
+            Ok(text) => text,
+            Err(reason) => {
+                checker.report(&registry_field, reason);
+                return None;
+            }
+        };
+        let registry = match Registry::from_manifest(&registry_path, &text) {
+            Ok(registry) => registry,
+            Err(err) => {
+                checker.report(&registry_field, err.to_string());
+                return None;
+            }
+        };
+        let folder = registry_path
+            .rsplit_once('/')
+            .map_or(String::new(), |(dir, _)| format!("{dir}/"));
+        Some(Self { registry, folder })
+    }
+
+    /// Resolves `name` at `version` (a number, an alias, or the highest version when absent),
+    /// checks the file against the manifest's sha256 and compiles it once per version.
+    /// Problems go to `paths`: (the binding, its name field, its version field).
+    fn load(
+        &self,
+        checker: &mut Checker,
+        scenario: &mut Scenario,
+        files: &dyn FileSource,
+        (name, version): (&str, Option<&toml::Value>),
+        (path, name_path, version_path): (&FieldPath, &FieldPath, &FieldPath),
+    ) -> Option<(usize, crate::models::ModelVersion)> {
+        let reference = match version {
+            None => name.to_owned(),
+            Some(toml::Value::Integer(v)) => format!("{name}@{v}"),
+            Some(toml::Value::String(alias)) => format!("{name}@{alias}"),
+            Some(other) => {
+                checker.report(
+                    version_path,
+                    format!("must be a version number or an alias, got {other}"),
+                );
+                return None;
+            }
+        };
+        let version_entry = match self.registry.resolve(&reference) {
+            Ok(version) => version.clone(),
+            Err(err) => {
+                let at = if version.is_some() && self.registry.models.contains_key(name) {
+                    version_path
+                } else {
+                    name_path
+                };
+                checker.report(at, err.to_string());
+                return None;
+            }
+        };
+        if let Some(index) = scenario
+            .models
+            .iter()
+            .position(|m| m.name == version_entry.name && m.version == version_entry.version)
+        {
+            return Some((index, version_entry));
+        }
+        let file = format!("{}{}", self.folder, version_entry.file);
+        let bytes = match files.read_bytes(&file) {
+            Ok(bytes) => bytes,
+            Err(reason) => {
+                checker.report(path, reason);
+                return None;
+            }
+        };
+        let sha = sha256_hex(&bytes);
+        if sha != version_entry.sha256 {
+            checker.report(
+                path,
+                format!(
+                    "{file}: sha256 {sha} does not match the registry's {}",
+                    version_entry.sha256
+                ),
+            );
+            return None;
+        }
+        let compiled = match CompiledModel::load(&bytes) {
+            Ok(compiled) => compiled,
+            Err(err) => {
+                checker.report(path, format!("{file}: {err}"));
+                return None;
+            }
+        };
+        scenario.models.push(ModelSpec {
+            name: version_entry.name.clone(),
+            version: version_entry.version,
+            sha256: sha,
+            compiled: Arc::new(compiled),
+        });
+        Some((scenario.models.len() - 1, version_entry))
+    }
+}
+
+/// Whether the model at `index` reads rows as wide as the window features of `slot`.
+fn check_width(
+    checker: &mut Checker,
+    scenario: &Scenario,
+    group: usize,
+    slot: usize,
+    index: usize,
+    path: &FieldPath,
+) -> bool {
+    let group = &scenario.groups[group];
+    let sensor = &scenario.sensors[group.sensors.start + slot];
+    let dims = sensor.dims;
+    let width = scenario.models[index].compiled.width();
+    if width == features::window_feature_count(dims) {
+        return true;
+    }
+    checker.report(
+        path,
+        format!(
+            "`{}` takes {width} values per row, but the window features of `{}` ({dims} channel{}: mean, std_dev and peak-to-peak of each) are {}",
+            scenario.models[index].label(),
+            sensor.name,
+            if dims == 1 { "" } else { "s" },
+            features::window_feature_count(dims)
+        ),
+    );
+    false
+}
+
+/// Loads the registry, resolves each group's model (and its shadow), checks its file against
+/// the manifest's sha256, compiles it once per version, and binds it to a sensor whose window
+/// features have the model's input width. Returns the loader for the storyboard's rollouts.
+fn validate_models(
+    checker: &mut Checker,
+    raw: &RawScenario,
+    scenario: &mut Scenario,
+    files: &dyn FileSource,
+) -> Option<ModelLoader> {
+    let uses_models = raw.fleet.iter().any(|g| g.model.is_some()) || raw.storyboard.iter().any(|e| e.rollout.is_some());
+    if !uses_models {
+        return None;
+    }
+    let loader = ModelLoader::open(checker, raw, files)?;
+    for (gi, binding) in raw
         .fleet
         .iter()
         .enumerate()
         .filter_map(|(i, g)| g.model.as_ref().map(|m| (i, m)))
-        .collect();
-    let registry_path = raw
-        .models
-        .as_ref()
-        .and_then(|m| m.registry.clone())
-        .unwrap_or_else(|| "models/manifest.json".to_owned());
-    let registry_field = FieldPath::root().key("models").key("registry");
-    if bindings.is_empty() {
-        return;
-    }
-    let text = match files.read_to_string(&registry_path) {
-        Ok(text) => text,
-        Err(reason) => {
-            checker.report(&registry_field, reason);
-            return;
-        }
-    };
-    let registry = match Registry::from_manifest(&registry_path, &text) {
-        Ok(registry) => registry,
-        Err(err) => {
-            checker.report(&registry_field, err.to_string());
-            return;
-        }
-    };
-    let folder = registry_path
-        .rsplit_once('/')
-        .map_or(String::new(), |(dir, _)| format!("{dir}/"));
-    for (gi, binding) in bindings {
+    {
         let path = FieldPath::root().key("fleet").index(gi).key("model");
-        let reference = match &binding.version {
-            None => binding.name.clone(),
-            Some(toml::Value::Integer(v)) => format!("{}@{v}", binding.name),
-            Some(toml::Value::String(alias)) => format!("{}@{alias}", binding.name),
-            Some(other) => {
-                checker.report(
-                    &path.key("version"),
-                    format!("must be a version number or an alias, got {other}"),
-                );
-                continue;
-            }
-        };
-        let version = match registry.resolve(&reference) {
-            Ok(version) => version.clone(),
-            Err(err) => {
-                checker.report(
-                    &path.key(if binding.version.is_some() { "version" } else { "name" }),
-                    err.to_string(),
-                );
-                continue;
-            }
-        };
-        let index = match scenario
-            .models
-            .iter()
-            .position(|m| m.name == version.name && m.version == version.version)
-        {
-            Some(index) => index,
-            None => {
-                let file = format!("{folder}{}", version.file);
-                let bytes = match files.read_bytes(&file) {
-                    Ok(bytes) => bytes,
-                    Err(reason) => {
-                        checker.report(&path, reason);
-                        continue;
-                    }
-                };
-                let sha = sha256_hex(&bytes);
-                if sha != version.sha256 {
-                    checker.report(
-                        &path,
-                        format!("{file}: sha256 {sha} does not match the registry's {}", version.sha256),
-                    );
-                    continue;
-                }
-                let compiled = match CompiledModel::load(&bytes) {
-                    Ok(compiled) => compiled,
-                    Err(err) => {
-                        checker.report(&path, format!("{file}: {err}"));
-                        continue;
-                    }
-                };
-                scenario.models.push(ModelSpec {
-                    name: version.name.clone(),
-                    version: version.version,
-                    sha256: sha,
-                    compiled: Arc::new(compiled),
-                });
-                scenario.models.len() - 1
-            }
+        let Some((index, version)) = loader.load(
+            checker,
+            scenario,
+            files,
+            (&binding.name, binding.version.as_ref()),
+            (&path, &path.key("name"), &path.key("version")),
+        ) else {
+            continue;
         };
         let group = &scenario.groups[gi];
         let Some(slot) = scenario.sensors[group.sensors.clone()]
@@ -1060,19 +1167,7 @@ fn validate_models(checker: &mut Checker, raw: &RawScenario, scenario: &mut Scen
             );
             continue;
         };
-        let dims = scenario.sensors[group.sensors.start + slot].dims;
-        let width = scenario.models[index].compiled.width();
-        if width != features::window_feature_count(dims) {
-            checker.report(
-                &path.key("sensor"),
-                format!(
-                    "`{}` takes {width} values per row, but the window features of `{}` ({dims} channel{}: mean, std_dev and peak-to-peak of each) are {}",
-                    scenario.models[index].label(),
-                    binding.sensor,
-                    if dims == 1 { "" } else { "s" },
-                    features::window_feature_count(dims)
-                ),
-            );
+        if !check_width(checker, scenario, gi, slot, index, &path.key("sensor")) {
             continue;
         }
         let default_threshold = version
@@ -1084,12 +1179,68 @@ fn validate_models(checker: &mut Checker, raw: &RawScenario, scenario: &mut Scen
         let threshold = binding
             .threshold
             .map_or(default_threshold, |t| checker.finite(&path.key("threshold"), t));
+        let placement = match binding.placement.unwrap_or(raw::RawPlacement::Edge) {
+            raw::RawPlacement::Edge => Placement::Edge,
+            raw::RawPlacement::Gateway => Placement::Gateway,
+            raw::RawPlacement::Cloud => Placement::Cloud,
+        };
+        if placement == Placement::Gateway && scenario.groups[gi].gateway.is_none() {
+            checker.report(
+                &path.key("placement"),
+                format!(
+                    "group `{}` has no gateway to run its model on (set `gateway` on the group)",
+                    scenario.groups[gi].name
+                ),
+            );
+        }
+        let mut shadow = None;
+        if let Some(raw_shadow) = &binding.shadow {
+            let shadow_path = path.key("shadow");
+            let fraction = raw_shadow.fraction.unwrap_or(1.0);
+            if !(fraction > 0.0 && fraction <= 1.0) {
+                checker.report(
+                    &shadow_path.key("fraction"),
+                    format!("must be greater than 0 and at most 1, got {fraction}"),
+                );
+            }
+            if let Some((shadow_index, _)) = loader.load(
+                checker,
+                scenario,
+                files,
+                (&binding.name, Some(&raw_shadow.version)),
+                (&shadow_path, &path.key("name"), &shadow_path.key("version")),
+            ) {
+                if shadow_index == index {
+                    checker.report(
+                        &shadow_path.key("version"),
+                        format!(
+                            "the shadow is `{}`, the version the group already runs: compare two different versions",
+                            scenario.models[index].label()
+                        ),
+                    );
+                } else if check_width(checker, scenario, gi, slot, shadow_index, &shadow_path.key("version")) {
+                    scenario.comparisons.push(ComparisonSpec {
+                        label: scenario.groups[gi].name.clone(),
+                        primary: index,
+                        shadow: Some(shadow_index),
+                    });
+                    shadow = Some(ShadowSpec {
+                        model: shadow_index,
+                        fraction,
+                        comparison: scenario.comparisons.len() - 1,
+                    });
+                }
+            }
+        }
         scenario.groups[gi].model = Some(ModelBinding {
             model: index,
             slot,
             threshold: threshold as f32,
+            placement,
+            shadow,
         });
     }
+    Some(loader)
 }
 
 fn sensor_fault(
@@ -1149,7 +1300,9 @@ fn sensor_fault(
 fn validate_storyboard(
     checker: &mut Checker,
     raw: &[raw::RawEvent],
-    scenario: &Scenario,
+    scenario: &mut Scenario,
+    loader: Option<&ModelLoader>,
+    files: &dyn FileSource,
     path: &FieldPath,
 ) -> Vec<EventSpec> {
     let mut events = Vec::new();
@@ -1196,18 +1349,27 @@ fn validate_storyboard(
             }
             actions.push((Action::Upload(spec), "upload"));
         }
+        if event.rollout.is_some() {
+            if event.lasts.is_some() {
+                checker.report(
+                    &path.key("for"),
+                    "a rollout takes no `for`: its stages' soaks decide how long it runs",
+                );
+            }
+            actions.push((Action::Rollout(Arc::default()), "rollout"));
+        }
         if actions.len() != 1 {
             let found: Vec<&str> = actions.iter().map(|(_, k)| *k).collect();
             checker.report(
                 &path,
                 format!(
-                    "needs exactly one action (drift, stuck, spikes, dropout, saturation, noise, crash, clock_skew, partition or upload), found {}",
+                    "needs exactly one action (drift, stuck, spikes, dropout, saturation, noise, crash, clock_skew, partition, upload or rollout), found {}",
                     if found.is_empty() { "none".to_owned() } else { found.join(" and ") }
                 ),
             );
             continue;
         }
-        let (action, key) = actions.remove(0);
+        let (mut action, key) = actions.remove(0);
         let target = resolve_target(
             checker,
             event.target.as_ref(),
@@ -1218,6 +1380,21 @@ fn validate_storyboard(
             &path.key("target"),
         );
         let Some(target) = target else { continue };
+        if let (Some(raw_rollout), Target::Devices(devices)) = (&event.rollout, &target) {
+            let Some(loader) = loader else { continue };
+            let context = RolloutContext {
+                event: i as u32,
+                at: event.at,
+                devices,
+                loader,
+                files,
+                path: &path,
+            };
+            match validate_rollout(checker, raw_rollout, scenario, &context, &events) {
+                Some(spec) => action = Action::Rollout(Arc::new(spec)),
+                None => continue,
+            }
+        }
         if let (
             Action::SensorFault {
                 sensor: Some(sensor), ..
@@ -1262,6 +1439,199 @@ fn validate_storyboard(
         });
     }
     events
+}
+
+/// Where a rollout event sits, for its validation.
+struct RolloutContext<'a> {
+    event: u32,
+    at: SimDuration,
+    devices: &'a [u32],
+    loader: &'a ModelLoader,
+    files: &'a dyn FileSource,
+    path: &'a FieldPath,
+}
+
+/// Checks a rollout: the version exists and fits every targeted group's model binding, stage
+/// fractions lie in (0, 1] and increase, every stage can finish (enough devices for
+/// `min_devices`, soaks that end within the run), gates are probabilities.
+fn validate_rollout(
+    checker: &mut Checker,
+    raw: &raw::RawRollout,
+    scenario: &mut Scenario,
+    context: &RolloutContext<'_>,
+    earlier: &[EventSpec],
+) -> Option<RolloutSpec> {
+    let path = context.path.key("rollout");
+    let problems = checker.problems.len();
+    let name = raw.name.clone().unwrap_or_else(|| format!("rollout-{}", context.event));
+    let taken = earlier
+        .iter()
+        .any(|e| matches!(&e.action, Action::Rollout(r) if r.name == name));
+    if taken {
+        checker.report(&path.key("name"), format!("duplicate rollout name `{name}`"));
+    }
+    let (model, _) = context.loader.load(
+        checker,
+        scenario,
+        context.files,
+        (&raw.model, Some(&raw.version)),
+        (&path, &path.key("model"), &path.key("version")),
+    )?;
+    let mut groups: Vec<usize> = context.devices.iter().map(|&d| scenario.group_of(d)).collect();
+    groups.dedup();
+    for gi in groups {
+        let group = &scenario.groups[gi];
+        match group.model {
+            Some(binding) if scenario.models[binding.model].name == raw.model => {
+                check_width(checker, scenario, gi, binding.slot, model, &path.key("version"));
+            }
+            other => {
+                let runs = other.map_or("no model".to_owned(), |b| {
+                    format!("`{}`", scenario.models[b.model].label())
+                });
+                checker.report(
+                    &context.path.key("target"),
+                    format!(
+                        "group `{}` runs {runs}, not `{}`: a rollout replaces a model the devices already run",
+                        group.name, raw.model
+                    ),
+                );
+                return None;
+            }
+        }
+    }
+    let total = context.devices.len() as u64;
+    let mut stages: Vec<StageSpec> = Vec::new();
+    let mut raw_stages: Vec<(&raw::RawWave, FieldPath, String)> = Vec::new();
+    if let Some(canary) = &raw.canary {
+        raw_stages.push((canary, path.key("canary"), "canary".to_owned()));
+    }
+    for (k, wave) in raw.waves.iter().enumerate() {
+        raw_stages.push((wave, path.key("waves").index(k), format!("wave {}", k + 1)));
+    }
+    if raw_stages.is_empty() {
+        checker.report(&path, "needs a canary or at least one wave");
+    }
+    let mut ends = context.at;
+    for (wave, wave_path, stage_name) in &raw_stages {
+        let fraction = wave.fraction;
+        if !(fraction > 0.0 && fraction <= 1.0) {
+            checker.report(
+                &wave_path.key("fraction"),
+                format!("must be greater than 0 and at most 1 (a share of the targeted devices), got {fraction}"),
+            );
+            continue;
+        }
+        if let Some(previous) = stages.last()
+            && fraction <= previous.fraction
+        {
+            checker.report(
+                &wave_path.key("fraction"),
+                format!(
+                    "fractions are cumulative and must increase: {fraction} is not above {}'s {}",
+                    previous.name, previous.fraction
+                ),
+            );
+            continue;
+        }
+        checker.positive_duration(&wave_path.key("soak"), wave.soak);
+        ends = SimDuration(ends.0.saturating_add(wave.soak.0));
+        if ends > scenario.clock.duration {
+            checker.report(
+                &wave_path.key("soak"),
+                format!(
+                    "{stage_name} would end its soak at {ends}, after the run ends ({}): it can never finish",
+                    scenario.clock.duration
+                ),
+            );
+        }
+        let devices = ((fraction * total as f64).ceil() as u64).clamp(1, total) as u32;
+        stages.push(StageSpec {
+            name: stage_name.clone(),
+            fraction,
+            devices,
+            soak: wave.soak,
+        });
+    }
+    let min_devices = match raw.min_devices {
+        None => 1,
+        Some(n) if n < 1 => {
+            checker.report(&path.key("min_devices"), format!("must be at least 1, got {n}"));
+            1
+        }
+        Some(n) => n.min(i64::from(u32::MAX)) as u32,
+    };
+    if let Some(first) = stages.first()
+        && min_devices > first.devices
+    {
+        checker.report(
+            &path.key("min_devices"),
+            format!(
+                "{} updates {} of the {total} targeted devices, fewer than min_devices = {min_devices}: its gate can never be evaluated, so it can never finish",
+                first.name, first.devices
+            ),
+        );
+    }
+    let success = validate_gate(checker, raw.success.as_ref(), &path.key("success"));
+    let abort = validate_gate(checker, raw.abort.as_ref(), &path.key("abort"));
+    if checker.problems.len() > problems {
+        return None;
+    }
+    scenario.comparisons.push(ComparisonSpec {
+        label: name.clone(),
+        primary: model,
+        shadow: None,
+    });
+    let stream = format!("rollout:{}", context.event);
+    let mut ranked: Vec<(u64, u32)> = context
+        .devices
+        .iter()
+        .map(|&d| (mix(scenario.seed, stable_key(&[&scenario.device_id(d), &stream])), d))
+        .collect();
+    ranked.sort_unstable();
+    Some(RolloutSpec {
+        name,
+        model_name: raw.model.clone(),
+        label: scenario.models[model].label(),
+        model,
+        order: ranked.into_iter().map(|(_, d)| d).collect(),
+        stages,
+        min_devices,
+        success,
+        abort,
+        rollback: raw.on_abort.unwrap_or(raw::RawOnAbort::Rollback) == raw::RawOnAbort::Rollback,
+        comparison: scenario.comparisons.len() - 1,
+    })
+}
+
+fn validate_gate(checker: &mut Checker, raw: Option<&raw::RawGate>, path: &FieldPath) -> Gate {
+    let Some(raw) = raw else { return Gate::default() };
+    let mut rate = |key: &str, value: Option<f64>| {
+        value.inspect(|v| {
+            if !(0.0..=1.0).contains(v) {
+                checker.report(&path.key(key), format!("a rate between 0 and 1, got {v}"));
+            }
+        })
+    };
+    let gate = Gate {
+        alarm_rate_below: rate("alarm_rate_below", raw.alarm_rate_below),
+        alarm_rate_above: rate("alarm_rate_above", raw.alarm_rate_above),
+        agreement_below: rate("agreement_below", raw.agreement_below),
+        agreement_above: rate("agreement_above", raw.agreement_above),
+        deadline_misses_above: raw.deadline_misses_above.map(|n| {
+            if n < 0 {
+                checker.report(
+                    &path.key("deadline_misses_above"),
+                    format!("must not be negative, got {n}"),
+                );
+            }
+            n.max(0) as u64
+        }),
+    };
+    if gate.is_empty() {
+        checker.report(path, "an empty gate: give at least one condition (alarm_rate_below, alarm_rate_above, agreement_below, agreement_above, deadline_misses_above)");
+    }
+    gate
 }
 
 /// Picks `wanted` of `candidates` by ranking each device's seeded hash: the same devices for
@@ -1410,13 +1780,28 @@ fn validate_criteria(
     if raw.is_empty() {
         return Vec::new();
     }
-    let names = crate::report::metric_names(scenario);
+    let (numbers, texts) = crate::report::metric_names(scenario);
     let mut criteria = Vec::new();
     for (i, c) in raw.iter().enumerate() {
         let path = path.index(i);
+        let names = if c.equals.is_some() { &texts } else { &numbers };
         let mut known = |field: &str, metric: &str| -> bool {
             if names.contains(metric) {
                 return true;
+            }
+            if c.equals.is_some() && numbers.contains(metric) {
+                checker.report(
+                    &path.key(field),
+                    format!("`{metric}` is a number: compare it with lt, le, gt, ge, eq or between, not equals"),
+                );
+                return false;
+            }
+            if c.equals.is_none() && texts.contains(metric) {
+                checker.report(
+                    &path.key(field),
+                    format!("`{metric}` is a state (text): compare it with equals = \"...\""),
+                );
+                return false;
             }
             let closest = names
                 .iter()
@@ -1458,11 +1843,26 @@ fn validate_criteria(
                 format!("must be [low, high], got {} values", other.len()),
             ),
         }
+        if let Some(text) = &c.equals {
+            if c.divided_by.is_some() {
+                checker.report(&path.key("divided_by"), "a state cannot be divided");
+            }
+            if !crate::report::ROLLOUT_STATES.contains(&text.as_str()) {
+                checker.report(
+                    &path.key("equals"),
+                    format!(
+                        "unknown state `{text}` (states: {})",
+                        crate::report::ROLLOUT_STATES.join(", ")
+                    ),
+                );
+            }
+            checks.push(Check::Is(text.clone()));
+        }
         if checks.len() != 1 {
             checker.report(
                 &path,
                 format!(
-                    "needs exactly one comparison (lt, le, gt, ge, eq or between), found {}",
+                    "needs exactly one comparison (lt, le, gt, ge, eq, between or equals), found {}",
                     checks.len()
                 ),
             );
@@ -1471,7 +1871,7 @@ fn validate_criteria(
         if !(metric_ok && divisor_ok) {
             continue;
         }
-        let check = checks[0];
+        let check = checks.remove(0);
         let mut criterion = Criterion {
             name: String::new(),
             metric: c.metric.clone(),
@@ -1481,7 +1881,7 @@ fn validate_criteria(
         criterion.name = c
             .name
             .clone()
-            .unwrap_or_else(|| format!("{} {}", criterion.expression(), check.describe()));
+            .unwrap_or_else(|| format!("{} {}", criterion.expression(), criterion.check.describe()));
         criteria.push(criterion);
     }
     criteria

@@ -2,6 +2,7 @@
 //! [`crate::schedule`].
 
 pub mod infer;
+pub mod rollout;
 pub mod sample;
 pub mod storyboard;
 pub mod uplink;

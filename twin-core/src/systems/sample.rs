@@ -60,7 +60,7 @@ pub fn sample_sensors(clock: Res<SimClock>, scenario: Res<ScenarioSpec>, mut dev
                     };
                     for (slot_index, slot) in sensors.0.iter_mut().enumerate() {
                         let rows = match model.as_mut() {
-                            Some((deployed, rows)) if usize::from(deployed.slot) == slot_index => Some(&mut rows.0),
+                            Some((deployed, rows)) if usize::from(deployed.slot) == slot_index => Some(&mut **rows),
                             _ => None,
                         };
                         let mut work = SensorWork {
@@ -109,7 +109,7 @@ struct SensorWork<'a> {
     faults: Option<&'a mut Vec<ActiveFault>>,
     recorder: Option<&'a mut Vec<f64>>,
     /// Where the features of each completed window go, when a model reads this sensor.
-    feature_rows: Option<&'a mut Vec<f32>>,
+    feature_rows: Option<&'a mut PendingRows>,
     block: &'a mut Block,
 }
 
@@ -125,7 +125,7 @@ impl SensorWork<'_> {
                 None => self.periodic_segment(segment_end),
             }
             if segment_end == boundary {
-                self.close_window();
+                self.close_window(boundary);
             }
             segment_start = segment_end;
         }
@@ -267,7 +267,7 @@ impl SensorWork<'_> {
         }
     }
 
-    fn close_window(&mut self) {
+    fn close_window(&mut self, at: u64) {
         let shift = self.spec.shift;
         if let Some(rows) = self.feature_rows.as_deref_mut() {
             let summaries: SmallVec<[WindowSummary; 3]> = self
@@ -277,7 +277,9 @@ impl SensorWork<'_> {
                 .iter()
                 .map(|c| c.window.summary(shift))
                 .collect();
-            features::push_window_features(&summaries, rows);
+            if features::push_window_features(&summaries, &mut rows.values) {
+                rows.closed_at.push(at);
+            }
         }
         for channel in self.slot.channels.as_mut_slice() {
             channel.total.merge_window(&channel.window, shift);

@@ -141,6 +141,7 @@ fn start(world: &mut World, topology: &Topology, scenario: &Scenario, event: &Ev
             })
         }
         Action::Upload(spec) => for_each_device(world, topology, scenario, event, |state, _, _| state.uplink = *spec),
+        Action::Rollout(spec) => crate::systems::rollout::start_rollout(world, topology, spec, now),
         Action::Partition => {
             let Target::Gateway(g) = event.target else { return 0 };
             if let Some(mut buffer) = world.get_mut::<EdgeBuffer>(topology.gateways[usize::from(g)]) {
@@ -260,6 +261,7 @@ fn end(world: &mut World, topology: &Topology, scenario: &Scenario, event: &Even
                 heal(world, topology, scenario, g);
             }
         }
+        Action::Rollout(_) => {}
     }
 }
 
