@@ -235,6 +235,8 @@ pub struct DeployedModel {
 pub struct PendingRows {
     /// Values, row by row.
     pub values: Vec<f32>,
-    /// When each row's window closed, in simulated nanoseconds.
+    /// When each row's window closed (or frame was taken), in simulated nanoseconds.
     pub closed_at: Vec<u64>,
+    /// Each row's true class, for camera frames (empty for window features).
+    pub labels: Vec<i64>,
 }

@@ -118,7 +118,14 @@ impl Simulation {
                         .map(|(local, spec)| SensorSlot {
                             spec: (group.sensors.start + local) as u32,
                             next_index: 0,
-                            level: spec.signal.initial_level(),
+                            level: match &spec.signal {
+                                // Each camera starts at its own seeded image.
+                                Signal::Camera(images) => {
+                                    (Stream::derive(scenario.seed, &[&device_id, &spec.name, "camera"]).next_u64()
+                                        % images.len() as u64) as f64
+                                }
+                                _ => spec.signal.initial_level(),
+                            },
                             stream: Stream::derive(scenario.seed, &[&device_id, &spec.name, "signal"]),
                             channels: Channels::new(spec.dims),
                         })

@@ -9,6 +9,7 @@
 //! No IO and no wall clock here: files reach the core as text through
 //! [`scenario::FileSource`], and pacing against real time is the driver's business.
 
+pub mod camera;
 pub mod components;
 pub mod criteria;
 pub mod engine;

@@ -97,6 +97,10 @@ pub struct ModelMetrics {
     pub shadow_inferences: u64,
     /// Inferences by predicted class (classifiers).
     pub classes: BTreeMap<i64, u64>,
+    /// Classifier rows whose predicted class equals the true one.
+    pub class_correct: u64,
+    /// Classifier rows with a known true class.
+    pub class_labelled: u64,
     /// Projected latency of every acting inference.
     pub latency: LatencyHistogram,
     /// Acting inferences whose projected p90 latency exceeded the window deadline.

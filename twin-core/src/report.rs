@@ -456,7 +456,11 @@ impl ModelReport {
             false_positives: m.false_positives,
             true_negatives: m.true_negatives,
             false_negatives: m.false_negatives,
-            accuracy: ratio(m.true_positives + m.true_negatives, labelled),
+            accuracy: if m.class_labelled > 0 {
+                ratio(m.class_correct, m.class_labelled)
+            } else {
+                ratio(m.true_positives + m.true_negatives, labelled)
+            },
             precision: ratio(m.true_positives, m.true_positives + m.false_positives),
             recall: ratio(m.true_positives, m.true_positives + m.false_negatives),
             errors: m.errors,

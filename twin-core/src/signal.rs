@@ -227,6 +227,10 @@ pub enum Signal {
     Vibration(Box<Vibration>),
     /// Recorded telemetry.
     Replay(Box<ReplaySpec>),
+    /// A camera replaying recorded images, one per frame; the scalar reading is the frame's
+    /// mean pixel, the frame itself goes to a model bound to the sensor. `level` holds the
+    /// device's first image.
+    Camera(std::sync::Arc<crate::camera::ImageSet>),
 }
 
 impl Signal {
@@ -248,7 +252,7 @@ impl Signal {
             Self::Sine(sine) => sine.offset,
             Self::RandomWalk { start, .. } => *start,
             Self::Markov(markov) => markov.values[markov.initial],
-            Self::Vibration(_) | Self::Replay(_) => 0.0,
+            Self::Vibration(_) | Self::Replay(_) | Self::Camera(_) => 0.0,
         }
     }
 
@@ -336,6 +340,13 @@ impl Signal {
                 }
             }
             Self::Replay(_) => {}
+            Self::Camera(images) => {
+                let start = *level as u64 + first;
+                let count = images.len() as u64;
+                for (i, v) in out.iter_mut().enumerate() {
+                    *v = images.means[((start + i as u64) % count) as usize];
+                }
+            }
         }
     }
 

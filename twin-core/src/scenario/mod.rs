@@ -393,7 +393,19 @@ pub struct SensorSpec {
 impl SensorSpec {
     /// Bytes of one raw message of this sensor.
     pub fn raw_message_bytes(&self, overhead: u32) -> u32 {
-        overhead + RAW_VALUE_BYTES * self.dims as u32
+        match &self.signal {
+            // A frame: one byte per pixel.
+            Signal::Camera(images) => overhead + images.width as u32,
+            _ => overhead + RAW_VALUE_BYTES * self.dims as u32,
+        }
+    }
+
+    /// The images of a camera sensor.
+    pub fn camera(&self) -> Option<&crate::camera::ImageSet> {
+        match &self.signal {
+            Signal::Camera(images) => Some(images),
+            _ => None,
+        }
     }
 
     /// Bytes of this sensor's entry in a summary message.

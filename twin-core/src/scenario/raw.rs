@@ -286,6 +286,8 @@ pub struct RawSensor {
     pub vibration: Option<RawVibration>,
     /// Signal: recorded telemetry.
     pub replay: Option<RawReplay>,
+    /// Signal: a camera replaying recorded images.
+    pub camera: Option<RawCamera>,
     /// Gaussian measurement noise (standard deviation).
     pub noise: Option<f64>,
     /// Output range `[low, high]`.
@@ -429,6 +431,14 @@ pub struct RawReplay {
     pub start_offset: Option<SimDuration>,
     /// File time that maps to the scenario start: "first_row" (default) or seconds.
     pub origin: Option<toml::Value>,
+}
+
+/// `camera = { images }`
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct RawCamera {
+    /// JSON Lines of `{"label", "pixels"}`, relative to the scenario file.
+    pub images: String,
 }
 
 /// `[[storyboard]]`

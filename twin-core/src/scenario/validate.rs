@@ -500,6 +500,7 @@ fn validate_sensor(
         ("markov", raw.markov.is_some()),
         ("vibration", raw.vibration.is_some()),
         ("replay", raw.replay.is_some()),
+        ("camera", raw.camera.is_some()),
     ]
     .into_iter()
     .filter_map(|(name, present)| present.then_some(name))
@@ -510,7 +511,7 @@ fn validate_sensor(
         } else {
             kinds.join(" and ")
         };
-        checker.report(path, format!("needs exactly one signal (constant, uniform, gaussian, sine, random_walk, ornstein_uhlenbeck, markov, vibration or replay), found {found}"));
+        checker.report(path, format!("needs exactly one signal (constant, uniform, gaussian, sine, random_walk, ornstein_uhlenbeck, markov, vibration, replay or camera), found {found}"));
         return None;
     }
     let is_replay = raw.replay.is_some();
@@ -614,6 +615,22 @@ fn validate_sensor(
         validate_vibration(checker, s, rate_hz, &path.key("vibration"))?
     } else if let Some(s) = &raw.replay {
         validate_replay(checker, s, files, &path.key("replay"))?
+    } else if let Some(s) = &raw.camera {
+        let p = path.key("camera").key("images");
+        let text = match files.read_to_string(&s.images) {
+            Ok(text) => text,
+            Err(reason) => {
+                checker.report(&p, reason);
+                return None;
+            }
+        };
+        match crate::camera::ImageSet::from_jsonl(&text) {
+            Ok(images) => Signal::Camera(Arc::new(images)),
+            Err(reason) => {
+                checker.report(&p, format!("{}: {reason}", s.images));
+                return None;
+            }
+        }
     } else {
         return None;
     };
@@ -1101,6 +1118,21 @@ fn check_width(
     let sensor = &scenario.sensors[group.sensors.start + slot];
     let dims = sensor.dims;
     let width = scenario.models[index].compiled.width();
+    if let Some(images) = sensor.camera() {
+        if width == images.width {
+            return true;
+        }
+        checker.report(
+            path,
+            format!(
+                "`{}` takes {width} values per row, but the frames of camera `{}` have {} pixels",
+                scenario.models[index].label(),
+                sensor.name,
+                images.width
+            ),
+        );
+        return false;
+    }
     if width == features::window_feature_count(dims) {
         return true;
     }

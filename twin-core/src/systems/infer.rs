@@ -56,6 +56,8 @@ struct Owner {
     bytes_per_row: u64,
     /// How long each row waited for a partition to heal, in ms.
     waits_ms: Vec<f64>,
+    /// True class of each row (camera frames), else empty.
+    labels: Vec<i64>,
     /// `(model, first row in its batch)` of the shadow.
     shadow: Option<(usize, usize)>,
     comparison: Option<usize>,
@@ -159,6 +161,7 @@ pub fn run_inference(world: &mut World) {
                 .map(|&at| if at < now { secs(now - at) * 1e3 } else { 0.0 })
                 .collect();
             pending.closed_at.clear();
+            let labels = std::mem::take(&mut pending.labels);
             let offset = batches[model].len() / width;
             let shadow = (deployed.shadow != NONE).then(|| {
                 let shadow = usize::from(deployed.shadow);
@@ -168,9 +171,15 @@ pub fn run_inference(world: &mut World) {
             });
             batches[model].append(&mut pending.values);
             let sensor = &scenario.sensors[group.sensors.start + usize::from(deployed.slot)];
-            let window_s = uplink.window.as_secs_f64();
-            let raw_window_bytes =
-                (sensor.rate_hz * window_s).round() as u64 * u64::from(sensor.raw_message_bytes(uplink.overhead_bytes));
+            // A frame is due before the next frame; window features before the next window.
+            let (deadline_s, readings) = match sensor.camera() {
+                Some(_) => (1.0 / sensor.rate_hz, 1),
+                None => {
+                    let window_s = uplink.window.as_secs_f64();
+                    (window_s, (sensor.rate_hz * window_s).round() as u64)
+                }
+            };
+            let raw_window_bytes = readings * u64::from(sensor.raw_message_bytes(uplink.overhead_bytes));
             let bytes_per_row = match deployed.placement {
                 Placement::Edge => DECISION_BYTES,
                 Placement::Gateway => raw_window_bytes + DECISION_BYTES,
@@ -188,9 +197,10 @@ pub fn run_inference(world: &mut World) {
                 threshold: deployed.threshold,
                 truth: if fault_on_sensor { Some(true) } else { group.faulty },
                 placement: deployed.placement,
-                deadline_ms: window_s * 1e3,
+                deadline_ms: deadline_s * 1e3,
                 bytes_per_row,
                 waits_ms,
+                labels,
                 shadow,
                 comparison: (deployed.comparison != NONE).then_some(usize::from(deployed.comparison)),
             });
@@ -232,8 +242,13 @@ pub fn run_inference(world: &mut World) {
             counters.score_sum += f64::from(score);
             counters.latency.record(p50, p90, 1);
             counters.deadline_misses += u64::from(miss);
+            let label = owner.labels.get(row).copied();
             if primary.classes.is_some() {
                 *counters.classes.entry(class).or_default() += 1;
+                if let Some(label) = label {
+                    counters.class_labelled += 1;
+                    counters.class_correct += u64::from(class == label);
+                }
             }
             match (owner.truth, alarm) {
                 (Some(true), true) => counters.true_positives += 1,
@@ -246,9 +261,16 @@ pub fn run_inference(world: &mut World) {
             placement.latency.record(p50, p90, 1);
             placement.deadline_misses += u64::from(miss);
             placement.delayed_rows += u64::from(*wait_ms > 0.0);
-            if let Some(truth) = owner.truth {
-                placement.labelled += 1;
-                placement.correct += u64::from(truth == alarm);
+            match (label, owner.truth) {
+                (Some(label), _) => {
+                    placement.labelled += 1;
+                    placement.correct += u64::from(class == label);
+                }
+                (None, Some(truth)) => {
+                    placement.labelled += 1;
+                    placement.correct += u64::from(truth == alarm);
+                }
+                (None, None) => {}
             }
         }
         if missed {

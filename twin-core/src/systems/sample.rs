@@ -144,6 +144,17 @@ impl SensorWork<'_> {
             self.spec
                 .signal
                 .generate(&mut self.slot.level, &mut self.slot.stream, first, self.block, n);
+            if let (Signal::Camera(images), Some(rows)) = (&self.spec.signal, self.feature_rows.as_deref_mut()) {
+                // Every frame goes to the model as it is taken.
+                let start = self.slot.level as u64;
+                for k in first..first + n as u64 {
+                    let (pixels, label) = images.image(start + k);
+                    rows.values.extend_from_slice(pixels);
+                    rows.labels.push(label);
+                    rows.closed_at
+                        .push((k as f64 / rate * NANOS_PER_SECOND as f64).round() as u64);
+                }
+            }
             let times = &mut self.block.times;
             if self.faults.is_some() || self.recorder.is_some() {
                 for (i, t) in times[..n].iter_mut().enumerate() {
@@ -269,7 +280,9 @@ impl SensorWork<'_> {
 
     fn close_window(&mut self, at: u64) {
         let shift = self.spec.shift;
-        if let Some(rows) = self.feature_rows.as_deref_mut() {
+        if let Some(rows) = self.feature_rows.as_deref_mut()
+            && !matches!(self.spec.signal, Signal::Camera(_))
+        {
             let summaries: SmallVec<[WindowSummary; 3]> = self
                 .slot
                 .channels
