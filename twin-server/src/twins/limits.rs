@@ -119,9 +119,10 @@ impl Limits {
     /// # Errors
     /// `InvalidArgument` with the key's path.
     pub fn check_key(&self, parent: &str, key: &str) -> Result<(), TwinError> {
-        let field = || child_path(parent, key);
+        // A bad key is quoted in its path, since it may hold the very characters paths use.
+        let field = || format!("{parent}[{key:?}]");
         if key.is_empty() {
-            return Err(TwinError::invalid(format!("{parent}.\"\""), "keys must not be empty"));
+            return Err(TwinError::invalid(field(), "keys must not be empty"));
         }
         if key.len() > self.max_key_bytes as usize {
             return Err(TwinError::invalid(
