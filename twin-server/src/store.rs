@@ -307,11 +307,21 @@ impl Store {
     /// # Errors
     /// The commit's error, or `Closed`.
     pub fn write_blocking(&self, batch: WriteBatch) -> Result<Committed, StoreError> {
+        self.submit_blocking(batch)?.wait_blocking()
+    }
+
+    /// Submits a write, waiting for room in the queue (not from inside an async runtime), without
+    /// waiting for its commit: the returned [`PendingWrite`] resolves at its commit. Lets one
+    /// writer keep several writes in flight.
+    ///
+    /// # Errors
+    /// `Closed` when the store is closed.
+    pub fn submit_blocking(&self, batch: WriteBatch) -> Result<PendingWrite, StoreError> {
         let (reply, receiver) = oneshot::channel();
         self.requests
             .blocking_send(Request::Write { batch, reply })
             .map_err(|_| StoreError::Closed)?;
-        PendingWrite { reply: receiver }.wait_blocking()
+        Ok(PendingWrite { reply: receiver })
     }
 
     /// Submits a write without waiting; the returned [`PendingWrite`] resolves at its commit.

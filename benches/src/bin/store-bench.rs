@@ -3,13 +3,17 @@
 //! transaction with immediate durability each), medians of a few runs.
 //!
 //! ```text
-//! cargo run --release -p twin-benches --bin store-bench -- --updates 100000 --writers 64
+//! cargo run --release -p twin-benches --bin store-bench -- --writers 8 --in-flight 64
+//! cargo run --release -p twin-benches --bin store-bench -- --writers 64 --in-flight 1
 //! ```
 //!
 //! Each writer owns its twins (its own `Twins`), merges a reported patch into one of them, and
 //! waits until the store acknowledges the twin's new state as committed, like a gRPC handler
-//! would. The one-by-one run uses the same writers with `max_batch = 1`.
+//! would (with `--in-flight N`, a writer keeps N writes submitted and waits for the oldest, like
+//! a connection carrying N concurrent requests). The one-by-one run uses the same writers with
+//! `max_batch = 1`: one write transaction, one fsync, per update.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::Instant;
@@ -17,7 +21,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, anyhow};
 use clap::Parser;
 use serde_json::{Map, json};
-use twin_server::store::{Store, StoreOptions, WriteBatch};
+use twin_server::store::{PendingWrite, Store, StoreOptions, WriteBatch};
 use twin_server::twins::{Limits, NewTwin, SectionPatch, Timestamp, Twins};
 
 /// Durable twin updates: group commit vs one commit per update.
@@ -29,9 +33,13 @@ struct Args {
     /// Updates per one-by-one run (slower, so fewer).
     #[arg(long, default_value_t = 5_000)]
     one_by_one_updates: u64,
-    /// Concurrent writers.
-    #[arg(long, default_value_t = 64)]
+    /// Concurrent writer threads.
+    #[arg(long, default_value_t = 8)]
     writers: u64,
+    /// Writes each writer keeps in flight (submitted, not yet acknowledged); 1 is a writer that
+    /// waits for each acknowledgement before its next update.
+    #[arg(long, default_value_t = 64)]
+    in_flight: usize,
     /// Twins per writer.
     #[arg(long, default_value_t = 16)]
     twins_per_writer: u64,
@@ -89,7 +97,9 @@ fn run(args: &Args, path: &Path, updates: u64, max_batch: usize) -> Result<RunRe
         .map(|(writer, mut twins)| {
             let store = store.clone();
             let twins_per_writer = args.twins_per_writer;
+            let in_flight = args.in_flight.max(1);
             thread::spawn(move || -> Result<()> {
+                let mut pending = VecDeque::with_capacity(in_flight);
                 for update in 0..per_writer {
                     let id = format!("dev-{writer}-{}", update % twins_per_writer);
                     let patch = SectionPatch::Merge(serde_json::from_value(
@@ -98,7 +108,15 @@ fn run(args: &Args, path: &Path, updates: u64, max_batch: usize) -> Result<RunRe
                     let now = Timestamp::from_unix_millis(2 + update);
                     twins.update_reported(&id, &patch, None, now, Some(now))?;
                     let twin = twins.get(&id).ok_or_else(|| anyhow!("{id} missing"))?;
-                    store.write_blocking(WriteBatch::put(twin)?)?;
+                    if pending.len() == in_flight
+                        && let Some(oldest) = pending.pop_front()
+                    {
+                        PendingWrite::wait_blocking(oldest)?;
+                    }
+                    pending.push_back(store.submit_blocking(WriteBatch::put(twin)?)?);
+                }
+                for write in pending {
+                    write.wait_blocking()?;
                 }
                 Ok(())
             })
@@ -139,8 +157,9 @@ fn main() -> Result<()> {
     let _removed = std::fs::remove_dir_all(&dir);
     let (grouped, single) = (median(grouped), median(single));
     println!(
-        "writers {} | group commit {:.0} updates/s | one by one {:.0} updates/s | ratio {:.1}x (medians of {} runs)",
+        "writers {} x {} in flight | group commit {:.0} updates/s | one by one {:.0} updates/s | ratio {:.1}x (medians of {} runs)",
         args.writers,
+        args.in_flight,
         grouped,
         single,
         grouped / single,

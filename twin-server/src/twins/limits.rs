@@ -143,49 +143,63 @@ impl Limits {
         Ok(())
     }
 
-    /// Checks every key and value of a patch object (where `null` means delete) rooted at `path`.
+    /// Checks every key and value of a patch object (where `null` means delete) rooted at `path`,
+    /// and its nesting depth (the patch object is level 1), so that no later walk of it recurses
+    /// deeper than `max_depth` whatever the input.
     ///
     /// # Errors
-    /// `InvalidArgument` with the path of the first bad key or array element.
+    /// `InvalidArgument` with the path of the first bad key or array element; `LimitExceeded`
+    /// naming `max_depth` for a patch nested too deep.
     pub fn check_patch(&self, path: &str, patch: &Map<String, Value>) -> Result<(), TwinError> {
-        for (key, value) in patch {
-            self.check_key(path, key)?;
-            let value_path = child_path(path, key);
-            match value {
-                Value::Object(object) => self.check_patch(&value_path, object)?,
-                Value::Array(items) => self.check_array(&value_path, items)?,
-                _ => {}
-            }
-        }
-        Ok(())
+        self.check_object(path, patch, 1, true)
     }
 
-    fn check_array(&self, path: &str, items: &[Value]) -> Result<(), TwinError> {
-        for (index, item) in items.iter().enumerate() {
-            let item_path = format!("{path}[{index}]");
-            match item {
-                Value::Null => return Err(TwinError::invalid(item_path, "arrays may not hold null")),
-                Value::Array(inner) => self.check_array(&item_path, inner)?,
-                Value::Object(object) => self.check_value_object(&item_path, object)?,
-                _ => {}
-            }
-        }
-        Ok(())
-    }
-
-    /// Inside arrays, objects are plain values: `null` is not a delete there, so it is refused.
-    fn check_value_object(&self, path: &str, object: &Map<String, Value>) -> Result<(), TwinError> {
+    /// `in_patch`: whether `null` is a delete here (patch objects) or refused (objects in arrays).
+    fn check_object(
+        &self,
+        path: &str,
+        object: &Map<String, Value>,
+        depth: u32,
+        in_patch: bool,
+    ) -> Result<(), TwinError> {
+        self.check_depth(path, depth)?;
         for (key, value) in object {
             self.check_key(path, key)?;
             let value_path = child_path(path, key);
             match value {
-                Value::Null => {
+                Value::Null if !in_patch => {
                     return Err(TwinError::invalid(value_path, "null is not allowed inside arrays"));
                 }
-                Value::Object(inner) => self.check_value_object(&value_path, inner)?,
-                Value::Array(items) => self.check_array(&value_path, items)?,
+                Value::Object(inner) => self.check_object(&value_path, inner, depth + 1, in_patch)?,
+                Value::Array(items) => self.check_array(&value_path, items, depth + 1)?,
                 _ => {}
             }
+        }
+        Ok(())
+    }
+
+    fn check_array(&self, path: &str, items: &[Value], depth: u32) -> Result<(), TwinError> {
+        self.check_depth(path, depth)?;
+        for (index, item) in items.iter().enumerate() {
+            let item_path = format!("{path}[{index}]");
+            match item {
+                Value::Null => return Err(TwinError::invalid(item_path, "arrays may not hold null")),
+                Value::Array(inner) => self.check_array(&item_path, inner, depth + 1)?,
+                Value::Object(object) => self.check_object(&item_path, object, depth + 1, false)?,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn check_depth(&self, path: &str, depth: u32) -> Result<(), TwinError> {
+        if depth > self.max_depth {
+            return Err(TwinError::LimitExceeded {
+                field: path.to_owned(),
+                limit: LimitKind::Depth,
+                actual: u64::from(depth),
+                max: u64::from(self.max_depth),
+            });
         }
         Ok(())
     }
@@ -302,10 +316,8 @@ mod tests {
         for bad in ["a.b", "$version", "has space", "tab\t", ""] {
             let patch = object(json!({ "outer": { bad: 1 } }));
             let error = limits.check_patch("desired", &patch).expect_err(bad);
-            assert!(
-                error.field().is_some_and(|f| f.starts_with("desired.outer.")),
-                "{error}"
-            );
+            let expected = format!("desired.outer[{bad:?}]");
+            assert_eq!(error.field(), Some(expected.as_str()), "{error}");
         }
         let long = "k".repeat(129);
         assert!(limits.check_key("desired", &long).is_err());
@@ -348,6 +360,27 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_patch_nested_far_too_deep_is_refused_at_the_limit() {
+        let mut value = json!(1);
+        for _ in 0..1_000 {
+            value = json!({ "k": value });
+        }
+        let error = Limits::default()
+            .check_patch("desired", &object(value))
+            .expect_err("too deep");
+        assert!(matches!(
+            error,
+            TwinError::LimitExceeded {
+                limit: LimitKind::Depth,
+                actual: 11,
+                max: 10,
+                ..
+            }
+        ));
+        assert_eq!(error.field().map(|f| f.matches(".k").count()), Some(10));
     }
 
     #[test]

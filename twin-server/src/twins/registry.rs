@@ -262,3 +262,32 @@ impl Twins {
 fn not_found(id: &str) -> TwinError {
     TwinError::NotFound { twin_id: id.to_owned() }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restore_keeps_the_larger_of_a_live_version_and_a_tombstone() {
+        let mut twins = Twins::new(Limits::default());
+        let now = Timestamp::from_unix_nanos(1);
+        let new = |id: &str| NewTwin {
+            id: id.to_owned(),
+            ..NewTwin::default()
+        };
+        twins.create(new("live"), now).expect("create");
+        twins.create(new("gone"), now).expect("create");
+        let gone = twins.get("gone").cloned().expect("gone");
+        let deleted = twins.delete("gone", Some(1)).expect("delete");
+        let live = twins.get("live").cloned().expect("live");
+        // A stale tombstone for a live id loses; a tombstone newer than a stale twin row wins.
+        let restored = Twins::restore(
+            Limits::default(),
+            [live, gone],
+            [("live".to_owned(), 0), ("gone".to_owned(), deleted)],
+        );
+        assert_eq!(restored.get("live").map(Twin::version), Some(1));
+        assert!(restored.get("gone").is_none());
+        assert_eq!(restored.high_water("gone"), Some(2));
+    }
+}
