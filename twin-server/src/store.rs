@@ -505,3 +505,53 @@ fn commit<'a>(database: &Database, batches: impl Iterator<Item = &'a WriteBatch>
     transaction.commit()?;
     Ok(operations)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_of_another_schema_version_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("twin.redb");
+        {
+            let database = Database::create(&path).expect("create");
+            let transaction = database.begin_write().expect("begin");
+            transaction
+                .open_table(META)
+                .expect("meta")
+                .insert(SCHEMA_VERSION_KEY, SCHEMA_VERSION + 1)
+                .expect("insert");
+            transaction.commit().expect("commit");
+        }
+        let error = Store::open(&path, StoreOptions::default(), Limits::default()).expect_err("schema");
+        assert!(
+            matches!(
+                error,
+                StoreError::Schema {
+                    found: 2,
+                    expected: 1,
+                    ..
+                }
+            ),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn an_empty_batch_commits_and_counts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, twins) = Store::open(
+            &dir.path().join("twin.redb"),
+            StoreOptions::default(),
+            Limits::default(),
+        )
+        .expect("open");
+        assert!(twins.is_empty());
+        let committed = store.write_blocking(WriteBatch::new()).expect("commit");
+        assert_eq!(committed.commit, 1);
+        assert_eq!(store.stats().writes, 1);
+        store.close();
+        store.close();
+    }
+}

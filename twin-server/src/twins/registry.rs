@@ -45,8 +45,8 @@ impl Twins {
         }
     }
 
-    /// Twins and tombstones as persisted. A tombstone for an id that also has a live twin is kept
-    /// only if it is newer (it cannot be, when written by this module; the larger version wins).
+    /// Twins and tombstones as persisted. Should an id have both a live twin and a tombstone (the
+    /// store never writes both), the larger version wins.
     pub fn restore(
         limits: Limits,
         twins: impl IntoIterator<Item = Twin>,
