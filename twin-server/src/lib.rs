@@ -5,8 +5,10 @@ pub mod files;
 pub mod models;
 pub mod recording;
 pub mod run;
+pub mod store;
 pub mod summary;
 pub mod timing;
+pub mod twins;
 
 /// Exit code: every criterion passed (or the files are valid).
 pub const EXIT_OK: u8 = 0;

@@ -1,0 +1,557 @@
+//! Durable twin storage on redb with group commit. The only module that knows redb; all its
+//! table definitions are here.
+//!
+//! One committer thread owns the database. Writers submit a [`WriteBatch`] over a bounded
+//! channel; the committer takes every pending batch (up to [`StoreOptions::max_batch`]), applies
+//! them in one write transaction with immediate durability, commits, and only then answers each
+//! writer. A write is acknowledged only after its commit; many writes share one commit.
+//!
+//! Tables:
+//! - `twins`: twin id -> the twin's whole state ([`Twin`] as JSON);
+//! - `tombstones`: deleted twin id -> the version of its deletion (its version high-water mark),
+//!   removed when the id is created again (the new twin carries a larger version);
+//! - `meta`: `schema_version` -> 1.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::twins::{Limits, Twin, Twins};
+
+const TWINS: TableDefinition<&str, &[u8]> = TableDefinition::new("twins");
+const TOMBSTONES: TableDefinition<&str, u64> = TableDefinition::new("tombstones");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const SCHEMA_VERSION_KEY: &str = "schema_version";
+const SCHEMA_VERSION: u64 = 1;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database file could not be opened or created.
+    #[error("{path}: cannot open the twin database: {source}")]
+    Open {
+        /// The database file.
+        path: PathBuf,
+        /// redb's error.
+        #[source]
+        source: redb::Error,
+    },
+    /// The file was written by another schema version.
+    #[error("{path}: schema version {found}, this build reads {expected}")]
+    Schema {
+        /// The database file.
+        path: PathBuf,
+        /// The version in the file.
+        found: u64,
+        /// The version this build writes.
+        expected: u64,
+    },
+    /// A stored twin could not be read back.
+    #[error("{path}: twin {twin_id:?} cannot be decoded: {source}")]
+    Decode {
+        /// The database file.
+        path: PathBuf,
+        /// The twin's id.
+        twin_id: String,
+        /// serde's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A twin could not be encoded.
+    #[error("twin {twin_id:?} cannot be encoded: {source}")]
+    Encode {
+        /// The twin's id.
+        twin_id: String,
+        /// serde's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A read or a commit failed; every write of that commit gets this error and none is stored.
+    #[error("twin database: {0}")]
+    Storage(#[source] Arc<redb::Error>),
+    /// The committer thread could not be started.
+    #[error("cannot start the store's committer thread: {0}")]
+    Spawn(#[source] std::io::Error),
+    /// The queue of pending writes is full (only from [`Store::try_submit`]); retry later.
+    #[error("the store's write queue is full ({capacity} pending writes)")]
+    Busy {
+        /// The queue's capacity.
+        capacity: usize,
+    },
+    /// The store was closed; the write was not stored.
+    #[error("the store is closed")]
+    Closed,
+}
+
+impl<E: Into<redb::Error>> From<E> for StoreError {
+    fn from(error: E) -> Self {
+        StoreError::Storage(Arc::new(error.into()))
+    }
+}
+
+/// Store settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// Writes waiting for the committer before writers wait (or [`Store::try_submit`] says busy).
+    pub queue_capacity: usize,
+    /// The most writes in one commit. 1 commits every write on its own (for comparison).
+    pub max_batch: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            queue_capacity: 8192,
+            max_batch: 8192,
+        }
+    }
+}
+
+/// Changes to persist atomically: twin states to store and twins deleted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WriteBatch {
+    operations: Vec<Operation>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Operation {
+    Put { twin_id: String, state: Vec<u8> },
+    Delete { twin_id: String, version: u64 },
+}
+
+impl WriteBatch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        WriteBatch::default()
+    }
+
+    /// A batch storing one twin's whole state.
+    ///
+    /// # Errors
+    /// `Encode` if the twin cannot be serialized.
+    pub fn put(twin: &Twin) -> Result<Self, StoreError> {
+        let mut batch = WriteBatch::new();
+        batch.put_twin(twin)?;
+        Ok(batch)
+    }
+
+    /// Stores a twin's whole state (encoded now, on the caller's thread).
+    ///
+    /// # Errors
+    /// `Encode` if the twin cannot be serialized.
+    pub fn put_twin(&mut self, twin: &Twin) -> Result<(), StoreError> {
+        let state = serde_json::to_vec(twin).map_err(|source| StoreError::Encode {
+            twin_id: twin.id().to_owned(),
+            source,
+        })?;
+        self.operations.push(Operation::Put {
+            twin_id: twin.id().to_owned(),
+            state,
+        });
+        Ok(())
+    }
+
+    /// Deletes a twin, keeping `version` (the version of the deletion) as its high-water mark.
+    pub fn delete_twin(&mut self, twin_id: &str, version: u64) {
+        self.operations.push(Operation::Delete {
+            twin_id: twin_id.to_owned(),
+            version,
+        });
+    }
+
+    /// Number of operations.
+    pub fn len(&self) -> usize {
+        self.operations.len()
+    }
+
+    /// Whether the batch has no operation.
+    pub fn is_empty(&self) -> bool {
+        self.operations.is_empty()
+    }
+}
+
+/// The commit that made a write durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Committed {
+    /// The commit's sequence number since the store was opened (1, 2, ...).
+    pub commit: u64,
+    /// How many writes (batches) shared that commit.
+    pub writes_in_commit: usize,
+}
+
+/// Counters of the store since it was opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Write transactions committed.
+    pub commits: u64,
+    /// Writes (batches) acknowledged.
+    pub writes: u64,
+    /// Operations (twin puts and deletes) stored.
+    pub operations: u64,
+    /// The most writes that shared one commit.
+    pub largest_commit: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    commits: AtomicU64,
+    writes: AtomicU64,
+    operations: AtomicU64,
+    largest_commit: AtomicU64,
+}
+
+type Reply = oneshot::Sender<Result<Committed, StoreError>>;
+
+enum Request {
+    Write { batch: WriteBatch, reply: Reply },
+    Close { reply: oneshot::Sender<()> },
+}
+
+/// A write submitted and not yet acknowledged.
+#[derive(Debug)]
+pub struct PendingWrite {
+    reply: oneshot::Receiver<Result<Committed, StoreError>>,
+}
+
+impl PendingWrite {
+    /// Waits for the commit.
+    ///
+    /// # Errors
+    /// The commit's error, or `Closed` if the store stopped before committing the write.
+    pub async fn wait(self) -> Result<Committed, StoreError> {
+        self.reply.await.unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// Waits for the commit, blocking the thread (not from inside an async runtime).
+    ///
+    /// # Errors
+    /// As [`PendingWrite::wait`].
+    pub fn wait_blocking(self) -> Result<Committed, StoreError> {
+        self.reply.blocking_recv().unwrap_or(Err(StoreError::Closed))
+    }
+}
+
+/// A handle to the durable store; clones share the one committer.
+#[derive(Debug, Clone)]
+pub struct Store {
+    requests: mpsc::Sender<Request>,
+    counters: Arc<Counters>,
+    committer: Arc<Mutex<Option<JoinHandle<()>>>>,
+    capacity: usize,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Request::Write { batch, .. } => write!(formatter, "Write({} operations)", batch.len()),
+            Request::Close { .. } => formatter.write_str("Close"),
+        }
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the database at `path`, creating its folder, and restores every twin
+    /// and tombstone into a [`Twins`] with `limits`. Starts the committer thread.
+    ///
+    /// # Errors
+    /// `Open`, `Schema`, `Decode`, `Storage` or `Spawn`.
+    pub fn open(path: &Path, options: StoreOptions, limits: Limits) -> Result<(Store, Twins), StoreError> {
+        let open_error = |source: redb::Error| StoreError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(folder) = path.parent().filter(|folder| !folder.as_os_str().is_empty()) {
+            std::fs::create_dir_all(folder).map_err(|error| open_error(error.into()))?;
+        }
+        let database = Database::create(path).map_err(|error| open_error(error.into()))?;
+        ensure_schema(&database, path)?;
+        let twins = restore(&database, path, limits)?;
+
+        let (sender, receiver) = mpsc::channel(options.queue_capacity.max(1));
+        let counters = Arc::new(Counters::default());
+        let committer_counters = Arc::clone(&counters);
+        let max_batch = options.max_batch.max(1);
+        let committer = std::thread::Builder::new()
+            .name("twin-store-committer".to_owned())
+            .spawn(move || run_committer(database, receiver, max_batch, &committer_counters))
+            .map_err(StoreError::Spawn)?;
+        let store = Store {
+            requests: sender,
+            counters,
+            committer: Arc::new(Mutex::new(Some(committer))),
+            capacity: options.queue_capacity.max(1),
+        };
+        Ok((store, twins))
+    }
+
+    /// Submits a write and waits for its commit.
+    ///
+    /// # Errors
+    /// The commit's error, or `Closed`.
+    pub async fn write(&self, batch: WriteBatch) -> Result<Committed, StoreError> {
+        let (reply, receiver) = oneshot::channel();
+        self.requests
+            .send(Request::Write { batch, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        PendingWrite { reply: receiver }.wait().await
+    }
+
+    /// Submits a write and waits for its commit, blocking the thread (not from inside an async
+    /// runtime). Waits for room when the queue is full.
+    ///
+    /// # Errors
+    /// The commit's error, or `Closed`.
+    pub fn write_blocking(&self, batch: WriteBatch) -> Result<Committed, StoreError> {
+        self.submit_blocking(batch)?.wait_blocking()
+    }
+
+    /// Submits a write, waiting for room in the queue (not from inside an async runtime), without
+    /// waiting for its commit: the returned [`PendingWrite`] resolves at its commit. Lets one
+    /// writer keep several writes in flight.
+    ///
+    /// # Errors
+    /// `Closed` when the store is closed.
+    pub fn submit_blocking(&self, batch: WriteBatch) -> Result<PendingWrite, StoreError> {
+        let (reply, receiver) = oneshot::channel();
+        self.requests
+            .blocking_send(Request::Write { batch, reply })
+            .map_err(|_| StoreError::Closed)?;
+        Ok(PendingWrite { reply: receiver })
+    }
+
+    /// Submits a write without waiting; the returned [`PendingWrite`] resolves at its commit.
+    /// Usable from any thread or task.
+    ///
+    /// # Errors
+    /// `Busy` when the queue is full, `Closed` when the store is closed.
+    pub fn try_submit(&self, batch: WriteBatch) -> Result<PendingWrite, StoreError> {
+        let (reply, receiver) = oneshot::channel();
+        self.requests
+            .try_send(Request::Write { batch, reply })
+            .map_err(|error| match error {
+                mpsc::error::TrySendError::Full(_) => StoreError::Busy {
+                    capacity: self.capacity,
+                },
+                mpsc::error::TrySendError::Closed(_) => StoreError::Closed,
+            })?;
+        Ok(PendingWrite { reply: receiver })
+    }
+
+    /// Counters since the store was opened.
+    pub fn stats(&self) -> StoreStats {
+        StoreStats {
+            commits: self.counters.commits.load(Ordering::Acquire),
+            writes: self.counters.writes.load(Ordering::Acquire),
+            operations: self.counters.operations.load(Ordering::Acquire),
+            largest_commit: self.counters.largest_commit.load(Ordering::Acquire),
+        }
+    }
+
+    /// Commits every write submitted before this call, stops the committer and closes the
+    /// database. Later writes from any clone fail with `Closed`. Blocks the thread (not from
+    /// inside an async runtime); calling it twice is harmless.
+    pub fn close(&self) {
+        let (reply, done) = oneshot::channel();
+        if self.requests.blocking_send(Request::Close { reply }).is_ok() {
+            let _closed = done.blocking_recv();
+        }
+        let handle = match self.committer.lock() {
+            Ok(mut guard) => guard.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        if let Some(handle) = handle {
+            let _joined = handle.join();
+        }
+    }
+}
+
+fn ensure_schema(database: &Database, path: &Path) -> Result<(), StoreError> {
+    let transaction = database.begin_write()?;
+    let found = {
+        transaction.open_table(TWINS)?;
+        transaction.open_table(TOMBSTONES)?;
+        let mut meta = transaction.open_table(META)?;
+        let found = meta.get(SCHEMA_VERSION_KEY)?.map(|value| value.value());
+        if found.is_none() {
+            meta.insert(SCHEMA_VERSION_KEY, SCHEMA_VERSION)?;
+        }
+        found
+    };
+    transaction.commit()?;
+    match found {
+        Some(found) if found != SCHEMA_VERSION => Err(StoreError::Schema {
+            path: path.to_owned(),
+            found,
+            expected: SCHEMA_VERSION,
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn restore(database: &Database, path: &Path, limits: Limits) -> Result<Twins, StoreError> {
+    let transaction = database.begin_read()?;
+    let twins_table = transaction.open_table(TWINS)?;
+    let mut twins = Vec::new();
+    for entry in twins_table.iter()? {
+        let (key, value) = entry?;
+        let twin: Twin = serde_json::from_slice(value.value()).map_err(|source| StoreError::Decode {
+            path: path.to_owned(),
+            twin_id: key.value().to_owned(),
+            source,
+        })?;
+        twins.push(twin);
+    }
+    let tombstones_table = transaction.open_table(TOMBSTONES)?;
+    let mut tombstones = Vec::new();
+    for entry in tombstones_table.iter()? {
+        let (key, value) = entry?;
+        tombstones.push((key.value().to_owned(), value.value()));
+    }
+    Ok(Twins::restore(limits, twins, tombstones))
+}
+
+/// The committer: take every pending write, commit them together, answer each writer.
+fn run_committer(database: Database, mut requests: mpsc::Receiver<Request>, max_batch: usize, counters: &Counters) {
+    let mut writes: Vec<(WriteBatch, Reply)> = Vec::with_capacity(max_batch);
+    loop {
+        let mut close = None;
+        match requests.blocking_recv() {
+            None => return,
+            Some(Request::Write { batch, reply }) => writes.push((batch, reply)),
+            Some(Request::Close { reply }) => close = Some(reply),
+        }
+        while close.is_none() && writes.len() < max_batch {
+            match requests.try_recv() {
+                Ok(Request::Write { batch, reply }) => writes.push((batch, reply)),
+                Ok(Request::Close { reply }) => close = Some(reply),
+                Err(_) => break,
+            }
+        }
+        if !writes.is_empty() {
+            commit_and_reply(&database, &mut writes, counters);
+        }
+        if let Some(reply) = close {
+            requests.close();
+            let _sent = reply.send(());
+            return;
+        }
+    }
+}
+
+fn commit_and_reply(database: &Database, writes: &mut Vec<(WriteBatch, Reply)>, counters: &Counters) {
+    let outcome = commit(database, writes.iter().map(|(batch, _)| batch));
+    let writes_in_commit = writes.len();
+    match outcome {
+        Ok(operations) => {
+            let commit = counters.commits.fetch_add(1, Ordering::AcqRel) + 1;
+            counters.writes.fetch_add(writes_in_commit as u64, Ordering::AcqRel);
+            counters.operations.fetch_add(operations, Ordering::AcqRel);
+            counters
+                .largest_commit
+                .fetch_max(writes_in_commit as u64, Ordering::AcqRel);
+            for (_, reply) in writes.drain(..) {
+                let _sent = reply.send(Ok(Committed {
+                    commit,
+                    writes_in_commit,
+                }));
+            }
+        }
+        Err(error) => {
+            let shared = match error {
+                StoreError::Storage(shared) => shared,
+                other => Arc::new(redb::Error::Io(std::io::Error::other(other.to_string()))),
+            };
+            for (_, reply) in writes.drain(..) {
+                let _sent = reply.send(Err(StoreError::Storage(Arc::clone(&shared))));
+            }
+        }
+    }
+}
+
+/// Applies every batch in one write transaction with immediate durability. Returns the number
+/// of operations.
+fn commit<'a>(database: &Database, batches: impl Iterator<Item = &'a WriteBatch>) -> Result<u64, StoreError> {
+    let mut transaction = database.begin_write()?;
+    transaction.set_durability(Durability::Immediate)?;
+    let mut operations = 0;
+    {
+        let mut twins = transaction.open_table(TWINS)?;
+        let mut tombstones = transaction.open_table(TOMBSTONES)?;
+        let mut any_tombstone = !tombstones.is_empty()?;
+        for batch in batches {
+            for operation in &batch.operations {
+                operations += 1;
+                match operation {
+                    Operation::Put { twin_id, state } => {
+                        twins.insert(twin_id.as_str(), state.as_slice())?;
+                        if any_tombstone {
+                            tombstones.remove(twin_id.as_str())?;
+                        }
+                    }
+                    Operation::Delete { twin_id, version } => {
+                        twins.remove(twin_id.as_str())?;
+                        tombstones.insert(twin_id.as_str(), *version)?;
+                        any_tombstone = true;
+                    }
+                }
+            }
+        }
+    }
+    transaction.commit()?;
+    Ok(operations)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_of_another_schema_version_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("twin.redb");
+        {
+            let database = Database::create(&path).expect("create");
+            let transaction = database.begin_write().expect("begin");
+            transaction
+                .open_table(META)
+                .expect("meta")
+                .insert(SCHEMA_VERSION_KEY, SCHEMA_VERSION + 1)
+                .expect("insert");
+            transaction.commit().expect("commit");
+        }
+        let error = Store::open(&path, StoreOptions::default(), Limits::default()).expect_err("schema");
+        assert!(
+            matches!(
+                error,
+                StoreError::Schema {
+                    found: 2,
+                    expected: 1,
+                    ..
+                }
+            ),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn an_empty_batch_commits_and_counts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, twins) = Store::open(
+            &dir.path().join("twin.redb"),
+            StoreOptions::default(),
+            Limits::default(),
+        )
+        .expect("open");
+        assert!(twins.is_empty());
+        let committed = store.write_blocking(WriteBatch::new()).expect("commit");
+        assert_eq!(committed.commit, 1);
+        assert_eq!(store.stats().writes, 1);
+        store.close();
+        store.close();
+    }
+}
