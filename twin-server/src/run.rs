@@ -131,6 +131,11 @@ pub fn run_scenario(scenario: Scenario, request: &RunRequest) -> Result<RunOutco
         threads: request.threads,
         peak_rss_bytes: peak,
         peak_rss_bytes_per_device: peak.map(|p| p as f64 / report.run.devices.max(1) as f64),
+        models: scenario
+            .models
+            .iter()
+            .filter_map(|m| Some((m.label(), crate::timing::measure_model(&m.compiled, 21)?)))
+            .collect(),
     };
     let report_path = request.out_dir.join("report.json");
     std::fs::write(&report_path, report.to_json())
