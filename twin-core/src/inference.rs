@@ -180,9 +180,14 @@ pub enum OutputValues {
 type Plan = TypedSimplePlan;
 
 /// A model optimized into a runnable plan for batches of float32 rows.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct CompiledModel {
     plan: Arc<Plan>,
+    /// Run states kept between calls: a state holds the plan's value slots and scratch
+    /// buffers, and building one per call cost about 30% of a batch-256 call of the small
+    /// shipped models (BENCHMARKS.md). A pool rather than one state, so concurrent callers
+    /// never wait on each other.
+    states: std::sync::Mutex<Vec<TypedSimpleState>>,
     input_name: String,
     width: usize,
     outputs: Vec<TensorInfo>,
@@ -367,6 +372,7 @@ impl CompiledModel {
         let plan = optimized.into_runnable().map_err(tract_error)?;
         Ok(Self {
             plan,
+            states: std::sync::Mutex::new(Vec::new()),
             input_name: input.name.clone(),
             width,
             outputs,
@@ -408,7 +414,15 @@ impl CompiledModel {
         }
         let batch = rows.len() / self.width;
         let input = Tensor::from_shape(&[batch, self.width], rows).map_err(tract_error)?;
-        let results = self.plan.run(tvec!(input.into())).map_err(tract_error)?;
+        let pooled = self.states.lock().ok().and_then(|mut pool| pool.pop());
+        let mut state = match pooled {
+            Some(state) => state,
+            None => TypedSimpleState::new(&self.plan).map_err(tract_error)?,
+        };
+        let results = state.run(tvec!(input.into())).map_err(tract_error)?;
+        if let Ok(mut pool) = self.states.lock() {
+            pool.push(state);
+        }
         let mut outputs = Vec::with_capacity(results.len());
         for (index, value) in results.iter().enumerate() {
             let name = self

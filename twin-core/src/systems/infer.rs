@@ -229,6 +229,16 @@ pub fn run_inference(world: &mut World) {
         let metrics = &mut *metrics;
         let mut alarms = 0;
         let mut missed = false;
+        // Rows that did not wait share one latency: recorded once, with their count.
+        let waited = owner.waits_ms.iter().any(|w| *w > 0.0);
+        if !waited {
+            let p50 = projection.p50_ms + transfer_ms;
+            let p90 = projection.p90_ms + transfer_ms;
+            metrics.models[owner.model].latency.record(p50, p90, owner.rows as u64);
+            metrics.placements[owner.placement as usize]
+                .latency
+                .record(p50, p90, owner.rows as u64);
+        }
         for (row, wait_ms) in owner.waits_ms.iter().enumerate() {
             let (score, class, alarm) = primary.row(owner.offset + row, owner.threshold);
             let p50 = projection.p50_ms + transfer_ms + wait_ms;
@@ -240,7 +250,9 @@ pub fn run_inference(world: &mut World) {
             counters.inferences += 1;
             counters.alarms += u64::from(alarm);
             counters.score_sum += f64::from(score);
-            counters.latency.record(p50, p90, 1);
+            if waited {
+                counters.latency.record(p50, p90, 1);
+            }
             counters.deadline_misses += u64::from(miss);
             let label = owner.labels.get(row).copied();
             if primary.classes.is_some() {
@@ -258,7 +270,9 @@ pub fn run_inference(world: &mut World) {
                 (None, _) => {}
             }
             let placement = &mut metrics.placements[owner.placement as usize];
-            placement.latency.record(p50, p90, 1);
+            if waited {
+                placement.latency.record(p50, p90, 1);
+            }
             placement.deadline_misses += u64::from(miss);
             placement.delayed_rows += u64::from(*wait_ms > 0.0);
             match (label, owner.truth) {
