@@ -242,12 +242,12 @@ pub fn start(
         revision: revisions.last,
         twins: BTreeMap::new(),
     };
-    for twin in twins.iter() {
+    for twin in twins.iter_shared() {
         let revision = revisions.per_twin.get(twin.id()).copied().unwrap_or(0);
         snapshot.twins.insert(
             twin.id().to_owned(),
             Arc::new(PublishedTwin {
-                twin: twin.clone(),
+                twin: Arc::clone(twin),
                 revision,
                 connection: ConnectionState::default(),
             }),
@@ -370,6 +370,12 @@ impl Engine {
         self.last_now
     }
 
+    fn shared_twin(&self, id: &str) -> Result<Arc<Twin>, TwinError> {
+        self.twins
+            .get_shared(id)
+            .ok_or_else(|| TwinError::NotFound { twin_id: id.to_owned() })
+    }
+
     fn connection(&self, id: &str) -> ConnectionState {
         self.connections.get(id).copied().unwrap_or_default()
     }
@@ -482,7 +488,7 @@ impl Engine {
     fn record(
         &mut self,
         round: &mut Round,
-        twin: &Twin,
+        twin: Arc<Twin>,
         kind: pb::ChangeKind,
         now: Timestamp,
         details: ChangeDetails,
@@ -490,8 +496,14 @@ impl Engine {
         self.revision += 1;
         let revision = self.revision;
         let id = twin.id().to_owned();
+        let group = twin.group().unwrap_or_default().to_owned();
+        let version = if kind == pb::ChangeKind::Deleted {
+            self.twins.high_water(twin.id()).unwrap_or(twin.version())
+        } else {
+            twin.version()
+        };
         let published = Arc::new(PublishedTwin {
-            twin: twin.clone(),
+            twin,
             revision,
             connection: self.connection(&id),
         });
@@ -506,11 +518,7 @@ impl Engine {
         let event = pb::ChangeEvent {
             revision,
             device_id: id,
-            version: if kind == pb::ChangeKind::Deleted {
-                self.twins.high_water(twin.id()).unwrap_or(twin.version())
-            } else {
-                twin.version()
-            },
+            version,
             kind: kind as i32,
             server_time: Some(timestamp(now)),
             source_time: details.source_time.map(timestamp),
@@ -519,7 +527,7 @@ impl Engine {
             acks: details.acks,
             reconciliation: details.reconciliation,
             twin: (kind == pb::ChangeKind::Created).then(|| convert::twin_message(&published, true)),
-            group: twin.group().unwrap_or_default().to_owned(),
+            group,
         };
         round.records.push(Arc::new(ChangeRecord {
             event,
@@ -530,8 +538,16 @@ impl Engine {
 
     fn create(&mut self, new: NewTwin, round: &mut Round) -> Result<Applied, TwinError> {
         let now = self.now();
-        let twin = self.twins.create(new, now)?.clone();
-        let (revision, published) = self.record(round, &twin, pb::ChangeKind::Created, now, ChangeDetails::default());
+        let id = new.id.clone();
+        self.twins.create(new, now)?;
+        let twin = self.shared_twin(&id)?;
+        let (revision, published) = self.record(
+            round,
+            Arc::clone(&twin),
+            pb::ChangeKind::Created,
+            now,
+            ChangeDetails::default(),
+        );
         Ok(Applied {
             version: twin.version(),
             revision,
@@ -553,7 +569,7 @@ impl Engine {
         let now = self.last_now;
         let before = self.twins.require(device_id)?.reconciliation().clone();
         let outcome = change(&mut self.twins)?;
-        let twin = self.twins.require(device_id)?.clone();
+        let twin = self.shared_twin(device_id)?;
         let delta = twin.delta();
         let details = ChangeDetails {
             patch_json,
@@ -566,7 +582,7 @@ impl Engine {
             acks: Vec::new(),
             reconciliation: reconciliation_changes(&twin, &before),
         };
-        let (revision, published) = self.record(round, &twin, kind, now, details);
+        let (revision, published) = self.record(round, Arc::clone(&twin), kind, now, details);
         if kind == pb::ChangeKind::DesiredUpdated
             && outcome.delta.is_some()
             && let Some(session) = self.sessions.get(device_id)
@@ -589,7 +605,7 @@ impl Engine {
         let now = self.now();
         let before = self.twins.require(device_id)?.reconciliation().clone();
         let version = self.twins.acknowledge(device_id, acks, None, now)?;
-        let twin = self.twins.require(device_id)?.clone();
+        let twin = self.shared_twin(device_id)?;
         let details = ChangeDetails {
             acks: acks
                 .iter()
@@ -603,7 +619,7 @@ impl Engine {
             reconciliation: reconciliation_changes(&twin, &before),
             ..ChangeDetails::default()
         };
-        let (revision, published) = self.record(round, &twin, pb::ChangeKind::Acknowledged, now, details);
+        let (revision, published) = self.record(round, Arc::clone(&twin), pb::ChangeKind::Acknowledged, now, details);
         Ok(Applied {
             version,
             revision,
@@ -615,9 +631,9 @@ impl Engine {
 
     fn delete(&mut self, round: &mut Round, device_id: &str, expected: Option<u64>) -> Result<Applied, TwinError> {
         let now = self.now();
-        let before = self.twins.require(device_id)?.clone();
+        let before = self.shared_twin(device_id)?;
         let version = self.twins.delete(device_id, expected)?;
-        let (revision, published) = self.record(round, &before, pb::ChangeKind::Deleted, now, ChangeDetails::default());
+        let (revision, published) = self.record(round, before, pb::ChangeKind::Deleted, now, ChangeDetails::default());
         Ok(Applied {
             version,
             revision,
@@ -709,14 +725,14 @@ impl Engine {
 
     /// Publishes a twin again with its current connection (no new revision).
     fn republish(&self, round: &mut Round, device_id: &str) {
-        let Some(twin) = self.twins.get(device_id) else {
+        let Some(twin) = self.twins.get_shared(device_id) else {
             return;
         };
         let revision = self.revisions.get(device_id).copied().unwrap_or(0);
         round.publish.insert(
             device_id.to_owned(),
             Some(Arc::new(PublishedTwin {
-                twin: twin.clone(),
+                twin,
                 revision,
                 connection: self.connection(device_id),
             })),

@@ -23,8 +23,8 @@ pub struct ConnectionState {
 /// connection.
 #[derive(Debug, Clone)]
 pub struct PublishedTwin {
-    /// The twin, as committed.
-    pub twin: Twin,
+    /// The twin, as committed (shared with the engine's registry until the twin changes).
+    pub twin: Arc<Twin>,
     /// The fleet-wide revision of the twin's last change.
     pub revision: u64,
     /// The device's connection.
