@@ -574,6 +574,20 @@ async fn a_device_registers_reports_acknowledges_and_receives_deltas() {
         }
         other => panic!("expected a sync error, got {other:?}"),
     }
+    let bad_key = device
+        .send(pb::device_message::Body::Reported(pb::ReportedPatch {
+            patch_json: r#"{"cfg": {"a b": 1}}"#.to_owned(),
+            source_time: None,
+        }))
+        .await;
+    match next(&mut device.inbox).await.expect("error").body {
+        Some(pb::server_message::Body::Error(error)) => {
+            assert_eq!(error.sequence, bad_key);
+            assert_eq!(error.code, Code::InvalidArgument as i32);
+            assert_eq!(error.field_path, "reported.cfg[\"a b\"]");
+        }
+        other => panic!("expected a sync error, got {other:?}"),
+    }
     let foreign = device
         .send(pb::device_message::Body::Telemetry(pb::TelemetryBatch {
             stamp: Some(pb::BatchStamp {
@@ -931,6 +945,108 @@ async fn watch_from_a_revision_older_than_the_history_is_out_of_range_with_the_o
     let mut stream = watch(&server, Some(6), None).await.expect("resume at the oldest kept");
     let _started = next(&mut stream).await.expect("started");
     assert_eq!(next_change(&mut stream).await.revision, 7);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_filtered_watcher_gets_progress_past_changes_it_does_not_match() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(data.path()).await;
+    let mut twins = server.twins().await;
+    let mut stream = server
+        .twins()
+        .await
+        .watch(pb::WatchRequest {
+            filter: Some(pb::TwinFilter {
+                groups: vec!["nobody".to_owned()],
+                ..pb::TwinFilter::default()
+            }),
+            after_revision: None,
+            include_telemetry: false,
+            progress_interval_ms: 10,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let _started = next(&mut stream).await.expect("started");
+    twins.create_twin(create("dev-1", "g", "", "")).await.expect("create");
+    let last = twins
+        .update_desired(desired("dev-1", r#"{"a": 1}"#, None))
+        .await
+        .expect("update")
+        .into_inner()
+        .revision;
+    loop {
+        match next(&mut stream).await.expect("watch message").event {
+            Some(pb::watch_response::Event::Progress(progress)) if progress.revision == last => break,
+            Some(pb::watch_response::Event::Progress(progress)) => assert!(progress.revision < last),
+            other => panic!("expected only progress, got {other:?}"),
+        }
+    }
+    server.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shutdown
+
+#[tokio::test]
+async fn shutdown_during_a_stream_of_writes_keeps_every_acknowledged_write() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(data.path()).await;
+    let mut twins = server.twins().await;
+    const WRITERS: usize = 16;
+    for writer in 0..WRITERS {
+        twins
+            .create_twin(create(&format!("dev-{writer}"), "", r#"{"n": 0}"#, ""))
+            .await
+            .expect("create");
+    }
+    // Each writer updates its own twin with 1, 2, 3, ... until the server refuses; it returns
+    // the last value acknowledged. The server is stopped once 200 writes were acknowledged.
+    let (acked, mut acks) = mpsc::channel::<()>(1024);
+    let mut writers = Vec::new();
+    for writer in 0..WRITERS {
+        let mut client = server.twins().await;
+        let acked = acked.clone();
+        writers.push(tokio::spawn(async move {
+            let mut last = 0u64;
+            for value in 1..=10_000u64 {
+                let update = desired(&format!("dev-{writer}"), &format!(r#"{{"n": {value}}}"#), None);
+                if client.update_desired(update).await.is_err() {
+                    break;
+                }
+                last = value;
+                let _ = acked.try_send(());
+            }
+            last
+        }));
+    }
+    drop(acked);
+    for _ in 0..200 {
+        acks.recv().await.expect("acknowledged writes");
+    }
+    server.stop().await;
+    let mut acknowledged = Vec::new();
+    for writer in writers {
+        acknowledged.push(writer.await.expect("writer"));
+    }
+    assert!(
+        acknowledged.iter().all(|last| *last < 10_000),
+        "every writer was stopped"
+    );
+
+    let server = Server::start(data.path()).await;
+    let mut twins = server.twins().await;
+    for (writer, last) in acknowledged.iter().enumerate() {
+        let twin = get(&mut twins, &format!("dev-{writer}")).await.expect("get");
+        let stored = json(&twin.desired_json)["n"].as_u64().expect("n");
+        // Every acknowledged write is there; at most one more (applied, but its reply lost).
+        assert!(
+            stored == *last || stored == *last + 1,
+            "dev-{writer}: stored {stored}, acknowledged {last}"
+        );
+        assert_eq!(twin.version, stored + 1);
+    }
     server.stop().await;
 }
 

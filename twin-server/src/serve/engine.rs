@@ -860,3 +860,41 @@ fn reconciliation_changes(twin: &Twin, before: &BTreeMap<String, Reconciliation>
 pub fn hello_model(model: Option<&pb::ModelRef>) -> Option<Value> {
     model.filter(|model| !model.name.is_empty()).map(model_json)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_full_engine_queue_is_resource_exhausted_and_a_stopped_engine_unavailable() {
+        let (commands, mut receiver) = mpsc::channel(1);
+        let handle = EngineHandle { commands, capacity: 1 };
+        handle
+            .notify(Command::Disconnect {
+                device_id: "d".to_owned(),
+                session_id: 1,
+            })
+            .await;
+        let full = handle
+            .call(|reply| Command::Delete {
+                device_id: "d".to_owned(),
+                expected: None,
+                reply,
+            })
+            .await
+            .expect_err("full");
+        assert_eq!(full.code(), tonic::Code::ResourceExhausted);
+        assert!(full.message().contains("engine queue is full"), "{}", full.message());
+        receiver.close();
+        let _queued = receiver.recv().await;
+        let stopped = handle
+            .call(|reply| Command::Delete {
+                device_id: "d".to_owned(),
+                expected: None,
+                reply,
+            })
+            .await
+            .expect_err("stopped");
+        assert_eq!(stopped.code(), tonic::Code::Unavailable);
+    }
+}

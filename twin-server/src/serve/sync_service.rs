@@ -9,6 +9,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
+use tonic_types::StatusExt;
 use twin_proto::v1 as pb;
 use twin_proto::v1::device_message::Body;
 use twin_proto::v1::device_sync_server::DeviceSync;
@@ -324,6 +325,17 @@ fn domain_error(sequence: u64, error: &TwinError) -> pb::ServerMessage {
     sync_error(sequence, status.code(), field, status.message())
 }
 
+/// A refused engine call as a SyncError, with the field path of its BadRequest details.
 fn status_error(sequence: u64, status: &Status) -> pb::ServerMessage {
-    sync_error(sequence, status.code(), "", status.message())
+    let field = status
+        .get_details_bad_request()
+        .and_then(|details| details.field_violations.into_iter().next())
+        .map(|violation| violation.field)
+        .or_else(|| {
+            status
+                .get_details_error_info()
+                .and_then(|info| info.metadata.get("field").cloned())
+        })
+        .unwrap_or_default();
+    sync_error(sequence, status.code(), &field, status.message())
 }

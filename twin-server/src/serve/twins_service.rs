@@ -297,7 +297,11 @@ struct Watcher {
 }
 
 enum Next {
+    /// The event was sent.
+    Sent,
+    /// Nothing to send, or a message other than an event was sent.
     Continue,
+    /// The watcher is done (client gone, shutdown, error sent).
     Stop,
 }
 
@@ -315,6 +319,7 @@ impl Watcher {
                 return;
             }
         }
+        // Progress is due at each tick with no event sent since the previous tick.
         let mut live = subscription.live;
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -336,12 +341,13 @@ impl Watcher {
                     }
                 }
                 received = live.recv() => match received {
-                    Ok(record) => {
-                        let before = self.considered;
-                        let next = self.offer(&record).await;
-                        sent_since_tick |= self.considered > before && self.filter.matches(&record.twin);
-                        next
-                    }
+                    Ok(record) => match self.offer(&record).await {
+                        Next::Sent => {
+                            sent_since_tick = true;
+                            Next::Continue
+                        }
+                        other => other,
+                    },
                     Err(broadcast::error::RecvError::Lagged(missed)) => {
                         let status = Status::resource_exhausted(format!(
                             "watcher fell {missed} events behind; resume after revision {}",
@@ -372,7 +378,10 @@ impl Watcher {
             return Next::Continue;
         }
         let change = pb::watch_response::Event::Change(Box::new(record.event.clone()));
-        self.send(Ok(change)).await
+        match self.send(Ok(change)).await {
+            Next::Continue => Next::Sent,
+            other => other,
+        }
     }
 
     async fn send(&self, event: Result<pb::watch_response::Event, Status>) -> Next {
