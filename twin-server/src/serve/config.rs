@@ -20,6 +20,10 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     /// Folder of the twin database; the file is `<data_dir>/twin.redb` (default `./twin-data`).
     pub data_dir: PathBuf,
+    /// At shutdown, how long calls in flight and open connections get to finish before the
+    /// server closes them, in milliseconds (default 5000). Commands already queued at the
+    /// engine are committed either way.
+    pub shutdown_grace_ms: u64,
     /// Document limits.
     pub limits: Limits,
     /// The engine that owns the twins.
@@ -81,6 +85,7 @@ impl Default for ServeConfig {
         ServeConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7878)),
             data_dir: PathBuf::from("./twin-data"),
+            shutdown_grace_ms: 5000,
             limits: Limits::default(),
             engine: EngineConfig::default(),
             store: StoreConfig::default(),

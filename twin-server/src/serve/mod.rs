@@ -20,6 +20,7 @@ pub mod twins_service;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -169,12 +170,24 @@ async fn run_grpc(
         health.set_not_serving::<DeviceSyncServer<SyncService>>().await;
     };
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(TwinsServer::new(twins))
         .add_service(DeviceSyncServer::new(sync))
-        .serve_with_incoming_shutdown(incoming, signal)
-        .await?;
+        .serve_with_incoming_shutdown(incoming, signal);
+    // The transport's graceful shutdown waits for every connection to close; a client that
+    // never answers the GOAWAY would hold the server forever, so the wait is bounded.
+    let grace = Duration::from_millis(config.shutdown_grace_ms);
+    let deadline = async move {
+        token.cancelled().await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        result = server => result?,
+        () = deadline => {
+            tracing::warn!(grace_ms = config.shutdown_grace_ms, "connections still open after the shutdown grace period: closing them");
+        }
+    }
     Ok(())
 }
