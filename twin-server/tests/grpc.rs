@@ -1051,6 +1051,97 @@ async fn shutdown_during_a_stream_of_writes_keeps_every_acknowledged_write() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Authentication
+
+fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    let value = format!("Bearer {token}").parse().expect("header value");
+    request.metadata_mut().insert("authorization", value);
+    request
+}
+
+async fn open_sync(
+    server: &Server,
+    device_id: &str,
+    token: Option<&str>,
+) -> Result<(mpsc::Sender<pb::DeviceMessage>, Streaming<pb::ServerMessage>), Status> {
+    let hello = pb::DeviceMessage {
+        sequence: 0,
+        body: Some(pb::device_message::Body::Hello(hello(device_id, 0))),
+    };
+    // The stream stays open as long as the caller keeps the sender.
+    let (outbox, receiver) = mpsc::channel(1);
+    outbox.send(hello).await.expect("queue hello");
+    let stream = ReceiverStream::new(receiver);
+    let request = match token {
+        Some(token) => with_token(stream, token),
+        None => tonic::Request::new(stream),
+    };
+    let inbox = server.sync().await.sync(request).await?.into_inner();
+    Ok((outbox, inbox))
+}
+
+#[tokio::test]
+async fn tokens_give_operators_everything_and_devices_only_their_own_stream() {
+    use twin_server::serve::auth::{AuthConfig, DeviceToken};
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = Server::start_with(data.path(), |config| {
+        config.auth = AuthConfig {
+            operator_tokens: vec!["op-secret".to_owned()],
+            devices: vec![DeviceToken {
+                device_id: "cam-1".to_owned(),
+                token: "cam-1-secret".to_owned(),
+            }],
+        };
+    })
+    .await;
+    let mut twins = server.twins().await;
+    let get_request = |id: &str| pb::GetTwinRequest {
+        device_id: id.to_owned(),
+        view: 0,
+    };
+
+    let anonymous = twins.get_twin(get_request("cam-1")).await.expect_err("no token");
+    assert_eq!(anonymous.code(), Code::Unauthenticated);
+    let wrong = twins
+        .get_twin(with_token(get_request("cam-1"), "guess"))
+        .await
+        .expect_err("wrong token");
+    assert_eq!(wrong.code(), Code::Unauthenticated);
+    let device_on_twins = twins
+        .get_twin(with_token(get_request("cam-1"), "cam-1-secret"))
+        .await
+        .expect_err("device token on Twins");
+    assert_eq!(device_on_twins.code(), Code::PermissionDenied);
+    twins
+        .create_twin(with_token(create("cam-2", "", "", ""), "op-secret"))
+        .await
+        .expect("operator creates");
+
+    let no_token = open_sync(&server, "cam-1", None).await.expect_err("no token");
+    assert_eq!(no_token.code(), Code::Unauthenticated);
+    let other_device = open_sync(&server, "cam-2", Some("cam-1-secret"))
+        .await
+        .expect_err("another device");
+    assert_eq!(other_device.code(), Code::PermissionDenied);
+    let (_own_outbox, mut own) = open_sync(&server, "cam-1", Some("cam-1-secret"))
+        .await
+        .expect("own stream");
+    assert!(matches!(
+        next(&mut own).await.expect("delta").body,
+        Some(pb::server_message::Body::Delta(_))
+    ));
+    let (_operator_outbox, mut operator) = open_sync(&server, "cam-2", Some("op-secret"))
+        .await
+        .expect("operator stream");
+    assert!(matches!(
+        next(&mut operator).await.expect("delta").body,
+        Some(pb::server_message::Body::Delta(_))
+    ));
+    server.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Health and reflection
 
 #[tokio::test]

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::auth::AuthConfig;
 use crate::store::StoreOptions;
 use crate::twins::Limits;
 
@@ -34,6 +35,8 @@ pub struct ServeConfig {
     pub watch: WatchConfig,
     /// DeviceSync streams.
     pub sync: SyncConfig,
+    /// Bearer tokens; none configured: authentication off.
+    pub auth: AuthConfig,
 }
 
 /// Settings of the engine thread.
@@ -91,6 +94,7 @@ impl Default for ServeConfig {
             store: StoreConfig::default(),
             watch: WatchConfig::default(),
             sync: SyncConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -211,6 +215,39 @@ impl ServeConfig {
                 });
             }
         }
+        let invalid = |field: &'static str, reason: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            field,
+            reason,
+        };
+        let mut seen = std::collections::HashSet::new();
+        let tokens = self
+            .auth
+            .operator_tokens
+            .iter()
+            .map(|token| ("auth.operator_tokens", token))
+            .chain(
+                self.auth
+                    .devices
+                    .iter()
+                    .map(|device| ("auth.devices.token", &device.token)),
+            );
+        for (field, token) in tokens {
+            if token.trim().is_empty() || token.trim() != token {
+                return Err(invalid(
+                    field,
+                    "a token must not be empty or start or end with whitespace".to_owned(),
+                ));
+            }
+            if !seen.insert(token.as_str()) {
+                return Err(invalid(field, "the same token is listed twice".to_owned()));
+            }
+        }
+        for device in &self.auth.devices {
+            self.limits
+                .check_id("device_id", &device.device_id)
+                .map_err(|error| invalid("auth.devices.device_id", error.to_string()))?;
+        }
         Ok(())
     }
 
@@ -261,5 +298,25 @@ mod tests {
         assert!(unknown.to_string().contains("queue"), "{unknown}");
         let zero = ServeConfig::parse("[watch]\nhistory = 0\n", Path::new("x.toml")).expect_err("zero");
         assert_eq!(zero.to_string(), "x.toml: watch.history: must be at least 1, got 0");
+    }
+
+    #[test]
+    fn tokens_must_be_distinct_and_devices_valid() {
+        let twice = "[auth]\noperator_tokens = [\"a\"]\n[[auth.devices]]\ndevice_id = \"d\"\ntoken = \"a\"\n";
+        let error = ServeConfig::parse(twice, Path::new("x.toml")).expect_err("duplicate");
+        assert_eq!(
+            error.to_string(),
+            "x.toml: auth.devices.token: the same token is listed twice"
+        );
+        let bad_id = "[[auth.devices]]\ndevice_id = \"a b\"\ntoken = \"t\"\n";
+        let error = ServeConfig::parse(bad_id, Path::new("x.toml")).expect_err("bad id");
+        assert!(
+            error
+                .to_string()
+                .starts_with("x.toml: auth.devices.device_id: device_id"),
+            "{error}"
+        );
+        let empty = "[auth]\noperator_tokens = [\"\"]\n";
+        assert!(ServeConfig::parse(empty, Path::new("x.toml")).is_err());
     }
 }

@@ -9,6 +9,7 @@
 //! [`serve`] takes a bound listener and a shutdown future (tests pass a port-0 listener; only
 //! `main` binds the configured address and installs signal handlers).
 
+pub mod auth;
 pub mod config;
 pub mod convert;
 pub mod engine;
@@ -169,12 +170,16 @@ async fn run_grpc(
         health.set_not_serving::<TwinsServer<TwinsService>>().await;
         health.set_not_serving::<DeviceSyncServer<SyncService>>().await;
     };
+    let authenticator = auth::Authenticator::new(&config.auth);
+    if !authenticator.enabled() {
+        tracing::warn!("no tokens configured: authentication is off");
+    }
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(TwinsServer::new(twins))
-        .add_service(DeviceSyncServer::new(sync))
+        .add_service(TwinsServer::with_interceptor(twins, authenticator.operator_only()))
+        .add_service(DeviceSyncServer::with_interceptor(sync, authenticator.any_role()))
         .serve_with_incoming_shutdown(incoming, signal);
     // The transport's graceful shutdown waits for every connection to close; a client that
     // never answers the GOAWAY would hold the server forever, so the wait is bounded.

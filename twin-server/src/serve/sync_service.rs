@@ -14,6 +14,7 @@ use twin_proto::v1 as pb;
 use twin_proto::v1::device_message::Body;
 use twin_proto::v1::device_sync_server::DeviceSync;
 
+use super::auth::Role;
 use super::convert::{from_timestamp, parse_patch};
 use super::engine::{Command, EngineHandle, HelloInput, SessionLink, Shared, hello_model};
 use crate::twins::{DesiredAck, Limits, Section, TwinError};
@@ -62,6 +63,8 @@ impl DeviceSync for SyncService {
     type SyncStream = ReceiverStream<Result<pb::ServerMessage, Status>>;
 
     async fn sync(&self, request: Request<Streaming<pb::DeviceMessage>>) -> Result<Response<Self::SyncStream>, Status> {
+        // Set by the interceptor; absent only if the service is mounted without it.
+        let role = request.extensions().get::<Role>().cloned().unwrap_or(Role::Open);
         let mut inbound = request.into_inner();
         let first = tokio::select! {
             first = inbound.message() => first?,
@@ -76,6 +79,7 @@ impl DeviceSync for SyncService {
                 "the first message of a DeviceSync stream must be a Hello",
             ));
         };
+        role.check_device(&hello.device_id)?;
         let session_id = self.next_session.fetch_add(1, Ordering::Relaxed);
         let (deltas, delta_receiver) = mpsc::channel(self.outbound_capacity.max(1));
         let link = SessionLink {
