@@ -8,7 +8,7 @@ use twin_core::LoadOptions;
 use twin_core::time::ClockMode;
 use twin_server::files::load_scenario;
 use twin_server::run::{RunRequest, default_out_dir, run_scenario};
-use twin_server::serve::{ServeConfig, serve};
+use twin_server::serve::{Listeners, ServeConfig, serve_listeners};
 use twin_server::{EXIT_CRITERIA_FAILED, EXIT_INVALID, EXIT_OK, models, summary};
 
 /// Digital twin of an edge-AI fleet: run what-if scenarios far faster than real time.
@@ -70,6 +70,9 @@ enum Command {
         /// Data folder holding twin.redb, overriding the config (default ./twin-data).
         #[arg(long)]
         data: Option<PathBuf>,
+        /// Prometheus endpoint address, overriding the config (default 127.0.0.1:7879).
+        #[arg(long)]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
     /// Print the server's effective configuration as TOML: the compiled-in defaults, or a config
     /// file merged over them.
@@ -217,7 +220,12 @@ fn main() -> ExitCode {
             if all_valid { EXIT_OK } else { EXIT_INVALID }
         }
         Command::Models { command } => run_models(command),
-        Command::Serve { config, listen, data } => run_serve(config.as_deref(), listen, data),
+        Command::Serve {
+            config,
+            listen,
+            data,
+            metrics_listen,
+        } => run_serve(config.as_deref(), listen, data, metrics_listen),
         Command::PrintConfig { config } => match load_config(config.as_deref()).and_then(|config| {
             config
                 .to_toml()
@@ -258,7 +266,12 @@ fn load_config(path: Option<&std::path::Path>) -> Result<ServeConfig, String> {
     }
 }
 
-fn run_serve(config: Option<&std::path::Path>, listen: Option<std::net::SocketAddr>, data: Option<PathBuf>) -> u8 {
+fn run_serve(
+    config: Option<&std::path::Path>,
+    listen: Option<std::net::SocketAddr>,
+    data: Option<PathBuf>,
+    metrics_listen: Option<std::net::SocketAddr>,
+) -> u8 {
     let mut config = match load_config(config) {
         Ok(config) => config,
         Err(message) => {
@@ -271,6 +284,9 @@ fn run_serve(config: Option<&std::path::Path>, listen: Option<std::net::SocketAd
     }
     if let Some(data) = data {
         config.data_dir = data;
+    }
+    if let Some(metrics_listen) = metrics_listen {
+        config.metrics.listen = metrics_listen;
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
@@ -287,7 +303,22 @@ fn run_serve(config: Option<&std::path::Path>, listen: Option<std::net::SocketAd
                 return EXIT_INVALID;
             }
         };
-        match serve(listener, config, shutdown_signal()).await {
+        let metrics = if config.metrics.enabled {
+            match tokio::net::TcpListener::bind(config.metrics.listen).await {
+                Ok(listener) => Some(listener),
+                Err(error) => {
+                    eprintln!("error: cannot listen for metrics on {}: {error}", config.metrics.listen);
+                    return EXIT_INVALID;
+                }
+            }
+        } else {
+            None
+        };
+        let listeners = Listeners {
+            grpc: listener,
+            metrics,
+        };
+        match serve_listeners(listeners, config, shutdown_signal()).await {
             Ok(()) => EXIT_OK,
             Err(error) => {
                 eprintln!("error: {error}");

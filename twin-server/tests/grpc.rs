@@ -15,13 +15,14 @@ use tonic_types::StatusExt;
 use twin_proto::v1 as pb;
 use twin_proto::v1::device_sync_client::DeviceSyncClient;
 use twin_proto::v1::twins_client::TwinsClient;
-use twin_server::serve::{ServeConfig, ServeError, serve};
+use twin_server::serve::{Listeners, ServeConfig, ServeError, serve_listeners};
 
 /// Longest wait for any one message; a test that needs longer has failed.
 const PATIENCE: Duration = Duration::from_secs(10);
 
 struct Server {
     address: std::net::SocketAddr,
+    metrics: std::net::SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), ServeError>>,
 }
@@ -34,6 +35,8 @@ impl Server {
     async fn start_with(data: &Path, adjust: impl FnOnce(&mut ServeConfig)) -> Server {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("address");
+        let metrics_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind metrics");
+        let metrics = metrics_listener.local_addr().expect("metrics address");
         let mut config = ServeConfig {
             listen: address,
             data_dir: data.to_owned(),
@@ -41,11 +44,16 @@ impl Server {
         };
         adjust(&mut config);
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve(listener, config, async {
+        let listeners = Listeners {
+            grpc: listener,
+            metrics: Some(metrics_listener),
+        };
+        let task = tokio::spawn(serve_listeners(listeners, config, async {
             let _ = stopped.await;
         }));
         Server {
             address,
+            metrics,
             stop: Some(stop),
             task,
         }
@@ -1138,6 +1146,59 @@ async fn tokens_give_operators_everything_and_devices_only_their_own_stream() {
         next(&mut operator).await.expect("delta").body,
         Some(pb::server_message::Body::Delta(_))
     ));
+    server.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metrics
+
+async fn http_get(address: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await.expect("connect metrics");
+    let request = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = String::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_string(&mut response))
+        .await
+        .expect("metrics answer in time")
+        .expect("read");
+    response
+}
+
+#[tokio::test]
+async fn metrics_count_twins_changes_connections_and_pending_keys() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(data.path()).await;
+    let mut twins = server.twins().await;
+    twins
+        .create_twin(create("dev-1", "", r#"{"a": 1}"#, ""))
+        .await
+        .expect("create");
+    twins
+        .update_desired(desired("dev-1", r#"{"b": 2}"#, None))
+        .await
+        .expect("update");
+    let mut device = Device::connect(&server, hello("dev-1", 0)).await.expect("connect");
+    device.delta().await;
+
+    let response = http_get(server.metrics, "/metrics").await;
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    let value = |name: &str| {
+        response
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} in {response}"))
+            .to_owned()
+    };
+    assert_eq!(value("twin_twins"), "1");
+    assert_eq!(value("twin_changes_total"), "2");
+    assert_eq!(value("twin_revision"), "2");
+    assert_eq!(value("twin_connected_devices"), "1");
+    assert_eq!(value("twin_reconciliation_pending_keys"), "2");
+    assert_eq!(value("twin_deltas_sent_total"), "1");
+    assert!(response.contains("# TYPE twin_changes_total counter"));
+    let missing = http_get(server.metrics, "/other").await;
+    assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
     server.stop().await;
 }
 

@@ -54,6 +54,7 @@ fn serve_stops_on_sigterm_despite_a_client_that_no_longer_answers() {
         .arg(dir.path().join("data"))
         .arg("--config")
         .arg(&config)
+        .args(["--metrics-listen", "127.0.0.1:0"])
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

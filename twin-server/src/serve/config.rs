@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::auth::AuthConfig;
+use super::metrics::MetricsConfig;
 use crate::store::StoreOptions;
 use crate::twins::Limits;
 
@@ -37,6 +38,8 @@ pub struct ServeConfig {
     pub sync: SyncConfig,
     /// Bearer tokens; none configured: authentication off.
     pub auth: AuthConfig,
+    /// The Prometheus metrics endpoint.
+    pub metrics: MetricsConfig,
 }
 
 /// Settings of the engine thread.
@@ -95,6 +98,7 @@ impl Default for ServeConfig {
             watch: WatchConfig::default(),
             sync: SyncConfig::default(),
             auth: AuthConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }

@@ -171,6 +171,10 @@ pub struct Counters {
     pub refused: AtomicU64,
     /// Duration of the last commit, in microseconds.
     pub last_commit_micros: AtomicU64,
+    /// Sum of the durations of all commits, in microseconds.
+    pub commit_micros_total: AtomicU64,
+    /// Device streams open now.
+    pub connected_devices: AtomicU64,
     /// Desired deltas queued to device streams.
     pub deltas_sent: AtomicU64,
     /// Telemetry batches accepted on DeviceSync streams.
@@ -217,6 +221,11 @@ impl EngineHandle {
         answer
             .await
             .unwrap_or_else(|_| Err(Status::unavailable("the server stopped before answering")))
+    }
+
+    /// Commands waiting in the engine's queue now.
+    pub fn queue_depth(&self) -> usize {
+        self.capacity.saturating_sub(self.commands.capacity())
     }
 
     /// Sends a command without a reply, waiting for room in the queue.
@@ -759,10 +768,9 @@ impl Engine {
             counters
                 .changes
                 .fetch_add(round.records.len() as u64, Ordering::Relaxed);
-            counters.last_commit_micros.store(
-                u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-                Ordering::Relaxed,
-            );
+            let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+            counters.last_commit_micros.store(micros, Ordering::Relaxed);
+            counters.commit_micros_total.fetch_add(micros, Ordering::Relaxed);
         }
         let pushes = std::mem::take(&mut round.pushes);
         for (device_id, session_id, message) in pushes {
@@ -779,6 +787,10 @@ impl Engine {
             }
         }
         self.shared.history.append(std::mem::take(&mut round.records));
+        self.shared
+            .counters
+            .connected_devices
+            .store(self.sessions.len() as u64, Ordering::Relaxed);
         for reply in round.replies {
             reply(None);
         }

@@ -6,8 +6,10 @@
 //! - [`convert`]: protobuf <-> domain, and domain errors -> gRPC status codes.
 //! - [`config`]: the settings, their defaults and the TOML file.
 //!
-//! [`serve`] takes a bound listener and a shutdown future (tests pass a port-0 listener; only
-//! `main` binds the configured address and installs signal handlers).
+//! - [`metrics`]: Prometheus text on a small HTTP endpoint of its own.
+//!
+//! [`serve`] takes bound listeners and a shutdown future (tests pass port-0 listeners; only
+//! `main` binds the configured addresses and installs signal handlers).
 
 pub mod auth;
 pub mod config;
@@ -15,6 +17,7 @@ pub mod convert;
 pub mod engine;
 pub mod filter;
 pub mod history;
+pub mod metrics;
 pub mod snapshot;
 pub mod sync_service;
 pub mod twins_service;
@@ -52,15 +55,41 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Serves the twin API on `listener` until `shutdown` completes, then shuts down in order:
+/// The sockets the server serves on, bound by the caller.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The gRPC API.
+    pub grpc: TcpListener,
+    /// The Prometheus endpoint, if any.
+    pub metrics: Option<TcpListener>,
+}
+
+/// Serves the twin API on `listener` (no metrics endpoint) until `shutdown` completes; see
+/// [`serve_listeners`].
+///
+/// # Errors
+/// As [`serve_listeners`].
+pub async fn serve(
+    listener: TcpListener,
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let listeners = Listeners {
+        grpc: listener,
+        metrics: None,
+    };
+    serve_listeners(listeners, config, shutdown).await
+}
+
+/// Serves the twin API (and metrics) until `shutdown` completes, then shuts down in order:
 /// stop accepting calls and end streams (a cancellation token), wait for every stream task (a
 /// task tracker), let the engine finish the commands already queued (their writes are
 /// committed), and close the store.
 ///
 /// # Errors
 /// When the database cannot be opened, a thread cannot start, or the transport fails.
-pub async fn serve(
-    listener: TcpListener,
+pub async fn serve_listeners(
+    listeners: Listeners,
     config: ServeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
@@ -90,8 +119,16 @@ pub async fn serve(
 
     let token = CancellationToken::new();
     let tasks = TaskTracker::new();
+    if let Some(listener) = listeners.metrics {
+        let sources = metrics::Sources {
+            shared: Arc::clone(&shared),
+            engine: engine.clone(),
+            store: store.clone(),
+        };
+        tasks.spawn(metrics::run(listener, sources, token.clone(), tasks.clone()));
+    }
     let outcome = run_grpc(
-        listener,
+        listeners.grpc,
         &config,
         engine.clone(),
         &shared,
