@@ -267,6 +267,16 @@ impl PendingWrite {
         self.reply.await.unwrap_or(Err(StoreError::Closed))
     }
 
+    /// The commit's result if it is done, without waiting (`None`: still pending). After it
+    /// returned `Some`, the write is answered: later calls return `Closed`.
+    pub fn try_wait(&mut self) -> Option<Result<Committed, StoreError>> {
+        match self.reply.try_recv() {
+            Ok(result) => Some(result),
+            Err(oneshot::error::TryRecvError::Empty) => None,
+            Err(oneshot::error::TryRecvError::Closed) => Some(Err(StoreError::Closed)),
+        }
+    }
+
     /// Waits for the commit, blocking the thread (not from inside an async runtime).
     ///
     /// # Errors

@@ -51,6 +51,9 @@ pub struct EngineConfig {
     pub queue_capacity: usize,
     /// The most commands applied before one durable commit (default 4096).
     pub max_round: usize,
+    /// Rounds whose commit may be in flight at once: the engine applies the next round while
+    /// the previous ones commit (default 4; 1 waits for each commit before the next round).
+    pub max_in_flight: usize,
 }
 
 /// Settings of the redb store.
@@ -108,6 +111,7 @@ impl Default for EngineConfig {
         EngineConfig {
             queue_capacity: 8192,
             max_round: 4096,
+            max_in_flight: 4,
         }
     }
 }
@@ -203,6 +207,7 @@ impl ServeConfig {
         let positive = [
             ("engine.queue_capacity", self.engine.queue_capacity),
             ("engine.max_round", self.engine.max_round),
+            ("engine.max_in_flight", self.engine.max_in_flight),
             ("store.queue_capacity", self.store.queue_capacity),
             ("store.max_batch", self.store.max_batch),
             ("watch.history", self.watch.history),

@@ -11,7 +11,7 @@
 //! are not published, their callers get UNAVAILABLE, and the engine refuses every later change:
 //! memory is then ahead of the disk and only a restart (which reloads the disk) is safe.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
@@ -25,7 +25,7 @@ use twin_proto::v1 as pb;
 use super::convert::{self, json_text, key_reconciliation, model_json, timestamp, twin_status, unix_nanos_i64};
 use super::history::{ChangeRecord, History};
 use super::snapshot::{ConnectionState, PublishedTwin, SharedSnapshot, Snapshot};
-use crate::store::{Revisions, Store, WriteBatch};
+use crate::store::{PendingWrite, Revisions, Store, StoreError, WriteBatch};
 use crate::twins::{DesiredAck, NewTwin, Reconciliation, SectionPatch, Timestamp, Twin, TwinError, Twins};
 
 /// A reply to a command: its result, sent after the change is durable.
@@ -245,6 +245,7 @@ pub fn start(
     store: Store,
     queue_capacity: usize,
     max_round: usize,
+    max_in_flight: usize,
     history: History,
 ) -> std::io::Result<(EngineHandle, Arc<Shared>, JoinHandle<()>)> {
     let mut snapshot = Snapshot {
@@ -277,6 +278,7 @@ pub fn start(
         store,
         shared: Arc::clone(&shared),
         max_round: max_round.max(1),
+        max_in_flight: max_in_flight.max(1),
         failed: None,
         last_now: Timestamp::default(),
     };
@@ -304,8 +306,26 @@ fn defer<T: Send + 'static>(reply: Reply<T>, result: Result<T, Status>) -> Defer
     })
 }
 
+/// How a round's writes stand.
+enum Commit {
+    /// The round changed nothing durable.
+    Nothing,
+    /// Submitted to the store.
+    Waiting(PendingWrite),
+    /// Could not be submitted.
+    Failed(StoreError),
+}
+
+struct InFlight {
+    commit: Commit,
+    round: Round,
+    started: Instant,
+}
+
 #[derive(Default)]
 struct Round {
+    /// The last revision taken by this round.
+    revision: u64,
     touched: BTreeSet<String>,
     records: Vec<Arc<ChangeRecord>>,
     publish: BTreeMap<String, Option<Arc<PublishedTwin>>>,
@@ -326,6 +346,7 @@ struct Engine {
     store: Store,
     shared: Arc<Shared>,
     max_round: usize,
+    max_in_flight: usize,
     failed: Option<Status>,
     last_now: Timestamp,
 }
@@ -341,29 +362,79 @@ struct ChangeDetails {
 }
 
 impl Engine {
+    /// Rounds are pipelined: while round N's commit is in flight, round N+1 is applied and
+    /// submitted (the store's committer may then put both in one transaction). Rounds are
+    /// published strictly in order, each only after its own commit.
     fn run(mut self, mut commands: mpsc::Receiver<Command>) {
-        let mut batch = Vec::with_capacity(self.max_round.min(4096));
+        let mut in_flight: VecDeque<InFlight> = VecDeque::with_capacity(self.max_in_flight);
         let mut stop = false;
-        while !stop {
-            let Some(first) = commands.blocking_recv() else {
+        loop {
+            let mut batch = Vec::new();
+            if !stop && in_flight.len() < self.max_in_flight {
+                if in_flight.is_empty() {
+                    match commands.blocking_recv() {
+                        Some(command) => batch.push(command),
+                        None => stop = true,
+                    }
+                }
+                while !stop && batch.len() < self.max_round {
+                    match commands.try_recv() {
+                        Ok(command) => batch.push(command),
+                        Err(_) => break,
+                    }
+                }
+            }
+            let received = !batch.is_empty();
+            if received {
+                let mut round = Round::default();
+                for command in batch {
+                    if matches!(command, Command::Shutdown) {
+                        stop = true;
+                    } else {
+                        self.apply(command, &mut round);
+                    }
+                }
+                round.revision = self.revision;
+                let commit = self.submit(&round);
+                in_flight.push_back(InFlight {
+                    commit,
+                    round,
+                    started: Instant::now(),
+                });
+            }
+            // Publish every round whose commit is done, in order; wait for the oldest when there
+            // is nothing else to do (no new command, the pipeline is full, or stopping).
+            let mut wait = !received || in_flight.len() >= self.max_in_flight || stop;
+            while let Some(front) = in_flight.front_mut() {
+                let outcome = match &mut front.commit {
+                    Commit::Nothing => Some(Ok(())),
+                    Commit::Failed(error) => Some(Err(error.to_string())),
+                    Commit::Waiting(pending) => pending
+                        .try_wait()
+                        .map(|result| result.map(drop).map_err(|error| error.to_string())),
+                };
+                let outcome = match outcome {
+                    Some(outcome) => outcome,
+                    None if wait => match std::mem::replace(&mut front.commit, Commit::Nothing) {
+                        Commit::Waiting(pending) => {
+                            pending.wait_blocking().map(drop).map_err(|error| error.to_string())
+                        }
+                        _ => Ok(()),
+                    },
+                    None => break,
+                };
+                wait = false;
+                let Some(done) = in_flight.pop_front() else {
+                    break;
+                };
+                let kicked = self.publish(done.round, outcome, done.started);
+                for device_id in kicked {
+                    self.after_kick(&device_id, in_flight.back_mut().map(|flight| &mut flight.round));
+                }
+            }
+            if stop && in_flight.is_empty() {
                 break;
-            };
-            batch.push(first);
-            while batch.len() < self.max_round {
-                match commands.try_recv() {
-                    Ok(command) => batch.push(command),
-                    Err(_) => break,
-                }
             }
-            let mut round = Round::default();
-            for command in batch.drain(..) {
-                if matches!(command, Command::Shutdown) {
-                    stop = true;
-                } else {
-                    self.apply(command, &mut round);
-                }
-            }
-            self.finish(round);
         }
         for (_, session) in self.sessions.drain() {
             let _set = session.link.end.set(Status::unavailable("the server is shutting down"));
@@ -748,21 +819,26 @@ impl Engine {
         );
     }
 
-    /// Commits the round, then publishes it.
-    fn finish(&mut self, mut round: Round) {
-        if !round.touched.is_empty() {
-            let started = Instant::now();
-            if let Err(error) = self.commit(&round) {
-                tracing::error!(%error, revision = self.revision, "commit failed; refusing further changes");
-                let status = Status::unavailable(format!(
-                    "the change could not be made durable ({error}); the server refuses changes until it is restarted"
-                ));
-                for reply in round.replies {
-                    reply(Some(&status));
-                }
-                self.failed = Some(status);
-                return;
+    /// Publishes a round whose commit ended: deltas to devices, the snapshot, the change
+    /// events, then the replies. A failed commit publishes nothing and fails its callers.
+    /// Returns the devices whose sessions were ended because they did not read their deltas.
+    fn publish(&mut self, mut round: Round, outcome: Result<(), String>, started: Instant) -> Vec<String> {
+        if self.failed.is_none()
+            && let Err(error) = &outcome
+        {
+            tracing::error!(%error, revision = round.revision, "commit failed; refusing further changes");
+            self.failed = Some(Status::unavailable(format!(
+                "a change could not be made durable ({error}); the server refuses changes until it is restarted"
+            )));
+        }
+        if let Some(failed) = &self.failed {
+            // This round failed, or was applied on top of one that did: its outcome is unknown.
+            for reply in round.replies {
+                reply(Some(failed));
             }
+            return Vec::new();
+        }
+        if !round.touched.is_empty() {
             let counters = &self.shared.counters;
             counters.commits.fetch_add(1, Ordering::Relaxed);
             counters
@@ -772,13 +848,15 @@ impl Engine {
             counters.last_commit_micros.store(micros, Ordering::Relaxed);
             counters.commit_micros_total.fetch_add(micros, Ordering::Relaxed);
         }
-        let pushes = std::mem::take(&mut round.pushes);
-        for (device_id, session_id, message) in pushes {
-            self.push(&mut round, &device_id, session_id, message);
+        let mut kicked = Vec::new();
+        for (device_id, session_id, message) in std::mem::take(&mut round.pushes) {
+            if !self.push(&device_id, session_id, message) {
+                kicked.push(device_id);
+            }
         }
         if !round.publish.is_empty() {
             let mut snapshot = self.shared.snapshot.write();
-            snapshot.revision = self.revision;
+            snapshot.revision = round.revision;
             for (id, entry) in std::mem::take(&mut round.publish) {
                 match entry {
                     Some(entry) => snapshot.twins.insert(id, entry),
@@ -794,34 +872,65 @@ impl Engine {
         for reply in round.replies {
             reply(None);
         }
+        kicked
     }
 
-    fn commit(&self, round: &Round) -> Result<(), crate::store::StoreError> {
+    /// A session ended by the engine: the twin shows the device disconnected. The connection is
+    /// published with the newest round still in flight (whose twin states are the newest), or at
+    /// once when none is.
+    fn after_kick(&mut self, device_id: &str, newest: Option<&mut Round>) {
+        match newest {
+            Some(round) => self.mark_disconnected(round, device_id),
+            None => {
+                let mut round = Round::default();
+                self.mark_disconnected(&mut round, device_id);
+                let mut snapshot = self.shared.snapshot.write();
+                for (id, entry) in round.publish {
+                    if let Some(entry) = entry {
+                        snapshot.twins.insert(id, entry);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Submits the round's writes to the store without waiting for the commit.
+    fn submit(&self, round: &Round) -> Commit {
+        if round.touched.is_empty() || self.failed.is_some() {
+            return Commit::Nothing;
+        }
         let mut batch = WriteBatch::new();
         for id in &round.touched {
             if let Some(twin) = self.twins.get(id) {
                 let revision = self.revisions.get(id).copied().unwrap_or(0);
-                batch.put_twin_at(twin, revision)?;
+                if let Err(error) = batch.put_twin_at(twin, revision) {
+                    return Commit::Failed(error);
+                }
             } else if let Some(version) = self.twins.high_water(id) {
                 batch.delete_twin(id, version);
             }
         }
-        batch.set_revision(self.revision);
-        self.store.write_blocking(batch).map(|_committed| ())
+        batch.set_revision(round.revision);
+        match self.store.submit_blocking(batch) {
+            Ok(pending) => Commit::Waiting(pending),
+            Err(error) => Commit::Failed(error),
+        }
     }
 
     /// Queues a message on a device's session if it is still the one the message was for. A
     /// session whose queue is full is ended: the device reconnects and gets the whole delta.
-    fn push(&mut self, round: &mut Round, device_id: &str, session_id: u64, message: pb::ServerMessage) {
+    /// Returns false when it ended the session.
+    fn push(&mut self, device_id: &str, session_id: u64, message: pb::ServerMessage) -> bool {
         let Some(session) = self.sessions.get(device_id) else {
-            return;
+            return true;
         };
         if session.link.session_id != session_id {
-            return;
+            return true;
         }
         match session.link.deltas.try_send(message) {
             Ok(()) => {
                 self.shared.counters.deltas_sent.fetch_add(1, Ordering::Relaxed);
+                true
             }
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::warn!(device_id, "device stream too slow: ending it");
@@ -830,11 +939,11 @@ impl Engine {
                     session.link.deltas.max_capacity()
                 )));
                 self.sessions.remove(device_id);
-                self.mark_disconnected(round, device_id);
+                false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 self.sessions.remove(device_id);
-                self.mark_disconnected(round, device_id);
+                false
             }
         }
     }

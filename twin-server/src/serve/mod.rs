@@ -113,6 +113,7 @@ pub async fn serve_listeners(
         store.clone(),
         config.engine.queue_capacity,
         config.engine.max_round,
+        config.engine.max_in_flight,
         history,
     )
     .map_err(|error| ServeError::Start(format!("cannot start the engine thread: {error}")))?;
