@@ -934,6 +934,71 @@ async fn watch_streams_changes_in_order_and_resumes_without_gaps() {
 }
 
 #[tokio::test]
+async fn concurrent_writers_give_a_gap_free_stream_and_ordered_deltas() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(data.path()).await;
+    let mut twins = server.twins().await;
+    const TWINS: usize = 4;
+    const WRITERS: usize = 8;
+    const UPDATES: usize = 40;
+    for twin in 0..TWINS {
+        twins
+            .create_twin(create(&format!("dev-{twin}"), "", "", ""))
+            .await
+            .expect("create");
+    }
+    let mut device = Device::connect(&server, hello("dev-0", 0)).await.expect("connect");
+    let connected = device.delta().await;
+    let mut stream = watch(&server, Some(0), None).await.expect("watch");
+    let _started = next(&mut stream).await.expect("started");
+
+    let mut writers = Vec::new();
+    for writer in 0..WRITERS {
+        let mut client = server.twins().await;
+        writers.push(tokio::spawn(async move {
+            for update in 0..UPDATES {
+                let id = format!("dev-{}", (writer + update) % TWINS);
+                let patch = format!(r#"{{"w{writer}": {update}}}"#);
+                client.update_desired(desired(&id, &patch, None)).await.expect("update");
+            }
+        }));
+    }
+    for writer in writers {
+        writer.await.expect("writer");
+    }
+
+    let total = TWINS + WRITERS * UPDATES;
+    let mut last_version = [0u64; TWINS];
+    let mut device_changes = Vec::new();
+    for expected_revision in 1..=total as u64 {
+        let change = next_change(&mut stream).await;
+        assert_eq!(change.revision, expected_revision, "gap-free, in order");
+        let twin: usize = change.device_id.trim_start_matches("dev-").parse().expect("index");
+        assert_eq!(
+            change.version,
+            last_version[twin] + 1,
+            "{}: versions step by one",
+            change.device_id
+        );
+        last_version[twin] = change.version;
+        if twin == 0 && change.kind == pb::ChangeKind::DesiredUpdated as i32 {
+            device_changes.push(change.version);
+        }
+    }
+    // The device got one whole delta per desired change of its twin, in version order.
+    assert_eq!(device_changes.len(), WRITERS * UPDATES / TWINS);
+    assert!(connected.version < device_changes[0]);
+    let mut deltas = Vec::new();
+    for _ in 0..device_changes.len() {
+        deltas.push(device.delta().await.version);
+    }
+    assert_eq!(deltas, device_changes);
+    let twin = get(&mut twins, "dev-0").await.expect("get");
+    assert_eq!(json(&twin.delta_json), json(&twin.desired_json));
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn watch_from_a_revision_older_than_the_history_is_out_of_range_with_the_oldest_kept() {
     let data = tempfile::tempdir().expect("tempdir");
     let server = Server::start_with(data.path(), |config| config.watch.history = 4).await;
