@@ -986,6 +986,42 @@ pub fn hello_model(model: Option<&pb::ModelRef>) -> Option<Value> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_failed_commit_fails_its_callers_and_every_later_change_but_not_reads() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let limits = crate::twins::Limits::default();
+        let path = data.path().join("twin.redb");
+        let (store, twins, revisions) =
+            Store::open_with_revisions(&path, crate::store::StoreOptions::default(), limits).expect("open");
+        // A closed store refuses every write, as a store whose disk failed would.
+        store.close();
+        let (handle, shared, thread) = start(twins, revisions, store, 8, 8, 2, History::new(0, 8, 8)).expect("engine");
+        let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        let create = |id: &str| {
+            let new = NewTwin {
+                id: id.to_owned(),
+                ..NewTwin::default()
+            };
+            let handle = handle.clone();
+            runtime.block_on(async move { handle.call(|reply| Command::Create { new, reply }).await })
+        };
+        let failed = create("a").expect_err("not durable");
+        assert_eq!(failed.code(), tonic::Code::Unavailable);
+        assert!(
+            failed.message().contains("could not be made durable"),
+            "{}",
+            failed.message()
+        );
+        let later = create("b").expect_err("refused after a failure");
+        assert_eq!(later.code(), tonic::Code::Unavailable);
+        assert!(
+            shared.snapshot.read().twins.is_empty(),
+            "nothing unconfirmed is published"
+        );
+        runtime.block_on(handle.notify(Command::Shutdown));
+        thread.join().expect("engine thread");
+    }
+
     #[tokio::test]
     async fn a_full_engine_queue_is_resource_exhausted_and_a_stopped_engine_unavailable() {
         let (commands, mut receiver) = mpsc::channel(1);
