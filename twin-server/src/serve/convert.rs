@@ -9,7 +9,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 use twin_proto::v1 as pb;
 
 use super::snapshot::PublishedTwin;
-use crate::twins::{self, MetadataNode, Reconciliation, Section, SectionPatch, Timestamp, Twin, TwinError, json_size};
+use crate::twins::{self, MetadataNode, Reconciliation, Section, SectionPatch, Timestamp, Twin, TwinError};
 
 /// Domain of the google.rpc.ErrorInfo details the server attaches.
 pub const ERROR_DOMAIN: &str = "twin.v1";
@@ -322,11 +322,6 @@ fn leaf_metadata(
         }
         pointer.truncate(length);
     }
-}
-
-/// The size of a document as the limits measure it (compact JSON bytes).
-pub fn document_size(document: &Map<String, Value>) -> u64 {
-    json_size(document)
 }
 
 #[cfg(test)]

@@ -395,12 +395,9 @@ impl Engine {
                     }
                 }
                 round.revision = self.revision;
+                let started = Instant::now();
                 let commit = self.submit(&round);
-                in_flight.push_back(InFlight {
-                    commit,
-                    round,
-                    started: Instant::now(),
-                });
+                in_flight.push_back(InFlight { commit, round, started });
             }
             // Publish every round whose commit is done, in order; wait for the oldest when there
             // is nothing else to do (no new command, the pipeline is full, or stopping).
