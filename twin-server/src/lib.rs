@@ -1,10 +1,12 @@
 //! The `twin` command's library: scenario commands (`run`, `validate`, `metrics`) and the
-//! pieces of IO around the pure core (files, recordings, timing).
+//! pieces of IO around the pure core (files, recordings, timing), and `serve`, the live twin gRPC
+//! server over the twin domain (`twins`) and its durable store (`store`).
 
 pub mod files;
 pub mod models;
 pub mod recording;
 pub mod run;
+pub mod serve;
 pub mod store;
 pub mod summary;
 pub mod timing;

@@ -1,4 +1,4 @@
-//! `twin`: run and validate fleet scenarios.
+//! `twin`: run and validate fleet scenarios, and serve the live twin gRPC API.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,6 +8,7 @@ use twin_core::LoadOptions;
 use twin_core::time::ClockMode;
 use twin_server::files::load_scenario;
 use twin_server::run::{RunRequest, default_out_dir, run_scenario};
+use twin_server::serve::{Listeners, ServeConfig, serve_listeners};
 use twin_server::{EXIT_CRITERIA_FAILED, EXIT_INVALID, EXIT_OK, models, summary};
 
 /// Digital twin of an edge-AI fleet: run what-if scenarios far faster than real time.
@@ -56,6 +57,29 @@ enum Command {
     Metrics {
         /// Scenario file.
         file: PathBuf,
+    },
+    /// Serve the live twin gRPC API until SIGINT or SIGTERM (exit 2: bad config, cannot bind or
+    /// open the database).
+    Serve {
+        /// Config file (TOML); settings it does not name keep their defaults (see print-config).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Listen address, overriding the config (default 127.0.0.1:7878).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Data folder holding twin.redb, overriding the config (default ./twin-data).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Prometheus endpoint address, overriding the config (default 127.0.0.1:7879).
+        #[arg(long)]
+        metrics_listen: Option<std::net::SocketAddr>,
+    },
+    /// Print the server's effective configuration as TOML: the compiled-in defaults, or a config
+    /// file merged over them.
+    PrintConfig {
+        /// Config file (TOML).
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// The model registry: list, inspect and run ONNX models (exit 2 on any error).
     Models {
@@ -114,10 +138,6 @@ fn load_options(max_memory_mib: u64, seed: Option<u64>) -> LoadOptions {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) => {
@@ -125,6 +145,18 @@ fn main() -> ExitCode {
             return ExitCode::from(if err.use_stderr() { EXIT_INVALID } else { EXIT_OK });
         }
     };
+    // The server logs at info by default (RUST_LOG overrides); the batch commands stay quiet.
+    let filter = match cli.command {
+        Command::Serve { .. } => tracing_subscriber::EnvFilter::builder()
+            .with_default_directive(tracing_subscriber::filter::LevelFilter::INFO.into())
+            .from_env_lossy(),
+        _ => tracing_subscriber::EnvFilter::from_default_env(),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
     ExitCode::from(match cli.command {
         Command::Run {
             file,
@@ -188,6 +220,26 @@ fn main() -> ExitCode {
             if all_valid { EXIT_OK } else { EXIT_INVALID }
         }
         Command::Models { command } => run_models(command),
+        Command::Serve {
+            config,
+            listen,
+            data,
+            metrics_listen,
+        } => run_serve(config.as_deref(), listen, data, metrics_listen),
+        Command::PrintConfig { config } => match load_config(config.as_deref()).and_then(|config| {
+            config
+                .to_toml()
+                .map_err(|error| format!("cannot print the config: {error}"))
+        }) {
+            Ok(text) => {
+                print!("{text}");
+                EXIT_OK
+            }
+            Err(message) => {
+                eprintln!("error: {message}");
+                EXIT_INVALID
+            }
+        },
         Command::Metrics { file } => match load_scenario(&file, LoadOptions::default()) {
             Ok(scenario) => {
                 let (numbers, texts) = twin_core::report::metric_names(&scenario);
@@ -205,6 +257,103 @@ fn main() -> ExitCode {
             }
         },
     })
+}
+
+fn load_config(path: Option<&std::path::Path>) -> Result<ServeConfig, String> {
+    match path {
+        Some(path) => ServeConfig::load(path).map_err(|error| error.to_string()),
+        None => Ok(ServeConfig::default()),
+    }
+}
+
+fn run_serve(
+    config: Option<&std::path::Path>,
+    listen: Option<std::net::SocketAddr>,
+    data: Option<PathBuf>,
+    metrics_listen: Option<std::net::SocketAddr>,
+) -> u8 {
+    let mut config = match load_config(config) {
+        Ok(config) => config,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return EXIT_INVALID;
+        }
+    };
+    if let Some(listen) = listen {
+        config.listen = listen;
+    }
+    if let Some(data) = data {
+        config.data_dir = data;
+    }
+    if let Some(metrics_listen) = metrics_listen {
+        config.metrics.listen = metrics_listen;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return EXIT_INVALID;
+        }
+    };
+    runtime.block_on(async move {
+        let listener = match tokio::net::TcpListener::bind(config.listen).await {
+            Ok(listener) => listener,
+            Err(error) => {
+                eprintln!("error: cannot listen on {}: {error}", config.listen);
+                return EXIT_INVALID;
+            }
+        };
+        let metrics = if config.metrics.enabled {
+            match tokio::net::TcpListener::bind(config.metrics.listen).await {
+                Ok(listener) => Some(listener),
+                Err(error) => {
+                    eprintln!("error: cannot listen for metrics on {}: {error}", config.metrics.listen);
+                    return EXIT_INVALID;
+                }
+            }
+        } else {
+            None
+        };
+        let listeners = Listeners {
+            grpc: listener,
+            metrics,
+        };
+        match serve_listeners(listeners, config, shutdown_signal()).await {
+            Ok(()) => EXIT_OK,
+            Err(error) => {
+                eprintln!("error: {error}");
+                EXIT_INVALID
+            }
+        }
+    })
+}
+
+/// Completes at the first SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::error!(%error, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => tracing::info!("SIGINT received"),
+        () = terminate => tracing::info!("SIGTERM received"),
+    }
 }
 
 fn run_models(command: ModelsCommand) -> u8 {

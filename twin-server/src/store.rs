@@ -10,8 +10,12 @@
 //! - `twins`: twin id -> the twin's whole state ([`Twin`] as JSON);
 //! - `tombstones`: deleted twin id -> the version of its deletion (its version high-water mark),
 //!   removed when the id is created again (the new twin carries a larger version);
-//! - `meta`: `schema_version` -> 1.
+//! - `revisions`: twin id -> the fleet-wide revision of the twin's last change (written by the
+//!   live server, [`WriteBatch::put_twin_at`]; absent for twins written without one);
+//! - `meta`: `schema_version` -> 1, and `revision` -> the last fleet-wide revision committed
+//!   ([`WriteBatch::set_revision`]), so that revisions are never reused after a restart.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,8 +28,10 @@ use crate::twins::{Limits, Twin, Twins};
 
 const TWINS: TableDefinition<&str, &[u8]> = TableDefinition::new("twins");
 const TOMBSTONES: TableDefinition<&str, u64> = TableDefinition::new("tombstones");
+const REVISIONS: TableDefinition<&str, u64> = TableDefinition::new("revisions");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const SCHEMA_VERSION_KEY: &str = "schema_version";
+const REVISION_KEY: &str = "revision";
 const SCHEMA_VERSION: u64 = 1;
 
 /// Why a store operation failed.
@@ -119,8 +125,16 @@ pub struct WriteBatch {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Operation {
-    Put { twin_id: String, state: Vec<u8> },
-    Delete { twin_id: String, version: u64 },
+    Put {
+        twin_id: String,
+        state: Vec<u8>,
+        revision: Option<u64>,
+    },
+    Delete {
+        twin_id: String,
+        version: u64,
+    },
+    Revision(u64),
 }
 
 impl WriteBatch {
@@ -144,6 +158,18 @@ impl WriteBatch {
     /// # Errors
     /// `Encode` if the twin cannot be serialized.
     pub fn put_twin(&mut self, twin: &Twin) -> Result<(), StoreError> {
+        self.push_put(twin, None)
+    }
+
+    /// Stores a twin's whole state and the fleet-wide revision of its last change.
+    ///
+    /// # Errors
+    /// `Encode` if the twin cannot be serialized.
+    pub fn put_twin_at(&mut self, twin: &Twin, revision: u64) -> Result<(), StoreError> {
+        self.push_put(twin, Some(revision))
+    }
+
+    fn push_put(&mut self, twin: &Twin, revision: Option<u64>) -> Result<(), StoreError> {
         let state = serde_json::to_vec(twin).map_err(|source| StoreError::Encode {
             twin_id: twin.id().to_owned(),
             source,
@@ -151,8 +177,14 @@ impl WriteBatch {
         self.operations.push(Operation::Put {
             twin_id: twin.id().to_owned(),
             state,
+            revision,
         });
         Ok(())
+    }
+
+    /// Records `revision` as the last fleet-wide revision committed.
+    pub fn set_revision(&mut self, revision: u64) {
+        self.operations.push(Operation::Revision(revision));
     }
 
     /// Deletes a twin, keeping `version` (the version of the deletion) as its high-water mark.
@@ -172,6 +204,15 @@ impl WriteBatch {
     pub fn is_empty(&self) -> bool {
         self.operations.is_empty()
     }
+}
+
+/// The fleet-wide revisions restored by [`Store::open_with_revisions`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Revisions {
+    /// The last revision committed (0 when none was ever recorded).
+    pub last: u64,
+    /// The revision of each live twin's last change, for twins stored with one.
+    pub per_twin: HashMap<String, u64>,
 }
 
 /// The commit that made a write durable.
@@ -226,6 +267,16 @@ impl PendingWrite {
         self.reply.await.unwrap_or(Err(StoreError::Closed))
     }
 
+    /// The commit's result if it is done, without waiting (`None`: still pending). After it
+    /// returned `Some`, the write is answered: later calls return `Closed`.
+    pub fn try_wait(&mut self) -> Option<Result<Committed, StoreError>> {
+        match self.reply.try_recv() {
+            Ok(result) => Some(result),
+            Err(oneshot::error::TryRecvError::Empty) => None,
+            Err(oneshot::error::TryRecvError::Closed) => Some(Err(StoreError::Closed)),
+        }
+    }
+
     /// Waits for the commit, blocking the thread (not from inside an async runtime).
     ///
     /// # Errors
@@ -260,6 +311,18 @@ impl Store {
     /// # Errors
     /// `Open`, `Schema`, `Decode`, `Storage` or `Spawn`.
     pub fn open(path: &Path, options: StoreOptions, limits: Limits) -> Result<(Store, Twins), StoreError> {
+        Store::open_with_revisions(path, options, limits).map(|(store, twins, _revisions)| (store, twins))
+    }
+
+    /// As [`Store::open`], and also restores the fleet-wide revisions the live server records.
+    ///
+    /// # Errors
+    /// As [`Store::open`].
+    pub fn open_with_revisions(
+        path: &Path,
+        options: StoreOptions,
+        limits: Limits,
+    ) -> Result<(Store, Twins, Revisions), StoreError> {
         let open_error = |source: redb::Error| StoreError::Open {
             path: path.to_owned(),
             source,
@@ -270,6 +333,7 @@ impl Store {
         let database = Database::create(path).map_err(|error| open_error(error.into()))?;
         ensure_schema(&database, path)?;
         let twins = restore(&database, path, limits)?;
+        let revisions = restore_revisions(&database)?;
 
         let (sender, receiver) = mpsc::channel(options.queue_capacity.max(1));
         let counters = Arc::new(Counters::default());
@@ -285,7 +349,7 @@ impl Store {
             committer: Arc::new(Mutex::new(Some(committer))),
             capacity: options.queue_capacity.max(1),
         };
-        Ok((store, twins))
+        Ok((store, twins, revisions))
     }
 
     /// Submits a write and waits for its commit.
@@ -375,6 +439,7 @@ fn ensure_schema(database: &Database, path: &Path) -> Result<(), StoreError> {
     let found = {
         transaction.open_table(TWINS)?;
         transaction.open_table(TOMBSTONES)?;
+        transaction.open_table(REVISIONS)?;
         let mut meta = transaction.open_table(META)?;
         let found = meta.get(SCHEMA_VERSION_KEY)?.map(|value| value.value());
         if found.is_none() {
@@ -413,6 +478,19 @@ fn restore(database: &Database, path: &Path, limits: Limits) -> Result<Twins, St
         tombstones.push((key.value().to_owned(), value.value()));
     }
     Ok(Twins::restore(limits, twins, tombstones))
+}
+
+fn restore_revisions(database: &Database) -> Result<Revisions, StoreError> {
+    let transaction = database.begin_read()?;
+    let meta = transaction.open_table(META)?;
+    let last = meta.get(REVISION_KEY)?.map_or(0, |value| value.value());
+    let table = transaction.open_table(REVISIONS)?;
+    let mut per_twin = HashMap::new();
+    for entry in table.iter()? {
+        let (key, value) = entry?;
+        per_twin.insert(key.value().to_owned(), value.value());
+    }
+    Ok(Revisions { last, per_twin })
 }
 
 /// The committer: take every pending write, commit them together, answer each writer.
@@ -482,13 +560,22 @@ fn commit<'a>(database: &Database, batches: impl Iterator<Item = &'a WriteBatch>
     {
         let mut twins = transaction.open_table(TWINS)?;
         let mut tombstones = transaction.open_table(TOMBSTONES)?;
+        let mut revisions = transaction.open_table(REVISIONS)?;
+        let mut meta = transaction.open_table(META)?;
         let mut any_tombstone = !tombstones.is_empty()?;
         for batch in batches {
             for operation in &batch.operations {
                 operations += 1;
                 match operation {
-                    Operation::Put { twin_id, state } => {
+                    Operation::Put {
+                        twin_id,
+                        state,
+                        revision,
+                    } => {
                         twins.insert(twin_id.as_str(), state.as_slice())?;
+                        if let Some(revision) = revision {
+                            revisions.insert(twin_id.as_str(), *revision)?;
+                        }
                         if any_tombstone {
                             tombstones.remove(twin_id.as_str())?;
                         }
@@ -496,7 +583,11 @@ fn commit<'a>(database: &Database, batches: impl Iterator<Item = &'a WriteBatch>
                     Operation::Delete { twin_id, version } => {
                         twins.remove(twin_id.as_str())?;
                         tombstones.insert(twin_id.as_str(), *version)?;
+                        revisions.remove(twin_id.as_str())?;
                         any_tombstone = true;
+                    }
+                    Operation::Revision(revision) => {
+                        meta.insert(REVISION_KEY, *revision)?;
                     }
                 }
             }

@@ -2,6 +2,7 @@
 //! never reused for an id, not even after delete and re-create.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
@@ -28,10 +29,13 @@ pub struct NewTwin {
 
 /// Every twin, by id, and the tombstones of deleted ids. The one place twins are created, changed
 /// and deleted.
+///
+/// Twins are held in `Arc`s and changed copy-on-write, so a reader can keep a twin as it was
+/// ([`Twins::get_shared`]) while the registry moves on, without a copy at rest.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Twins {
     limits: Limits,
-    twins: BTreeMap<String, Twin>,
+    twins: BTreeMap<String, Arc<Twin>>,
     tombstones: BTreeMap<String, u64>,
 }
 
@@ -54,10 +58,10 @@ impl Twins {
     ) -> Self {
         let mut restored = Twins::new(limits);
         for twin in twins {
-            restored.twins.insert(twin.id().to_owned(), twin);
+            restored.twins.insert(twin.id().to_owned(), Arc::new(twin));
         }
         for (id, version) in tombstones {
-            let live_version = restored.twins.get(&id).map(Twin::version);
+            let live_version = restored.twins.get(&id).map(|twin| twin.version());
             if live_version.is_some_and(|live| live >= version) {
                 continue;
             }
@@ -84,7 +88,12 @@ impl Twins {
 
     /// The twin with this id, if live.
     pub fn get(&self, id: &str) -> Option<&Twin> {
-        self.twins.get(id)
+        self.twins.get(id).map(|twin| &**twin)
+    }
+
+    /// The twin with this id, if live, shared: it stays as it is now whatever changes later.
+    pub fn get_shared(&self, id: &str) -> Option<Arc<Twin>> {
+        self.twins.get(id).cloned()
     }
 
     /// The twin with this id.
@@ -92,11 +101,16 @@ impl Twins {
     /// # Errors
     /// `NotFound` when there is none.
     pub fn require(&self, id: &str) -> Result<&Twin, TwinError> {
-        self.twins.get(id).ok_or_else(|| not_found(id))
+        self.twins.get(id).map(|twin| &**twin).ok_or_else(|| not_found(id))
     }
 
     /// Live twins in id order.
     pub fn iter(&self) -> impl Iterator<Item = &Twin> {
+        self.twins.values().map(|twin| &**twin)
+    }
+
+    /// Live twins in id order, shared.
+    pub fn iter_shared(&self) -> impl Iterator<Item = &Arc<Twin>> {
         self.twins.values()
     }
 
@@ -109,7 +123,7 @@ impl Twins {
     pub fn high_water(&self, id: &str) -> Option<u64> {
         self.twins
             .get(id)
-            .map(Twin::version)
+            .map(|twin| twin.version())
             .or_else(|| self.tombstones.get(id).copied())
     }
 
@@ -140,7 +154,7 @@ impl Twins {
         )?;
         self.tombstones.remove(&new.id);
         let id = new.id;
-        Ok(self.twins.entry(id).or_insert(twin))
+        Ok(&**self.twins.entry(id).or_insert_with(|| Arc::new(twin)))
     }
 
     /// Deletes a twin. The deletion takes the next version, kept as the id's tombstone.
@@ -220,7 +234,7 @@ impl Twins {
         stamp: Stamp,
     ) -> Result<UpdateOutcome, TwinError> {
         let limits = self.limits;
-        let twin = self.twins.get_mut(id).ok_or_else(|| not_found(id))?;
+        let twin = Arc::make_mut(self.twins.get_mut(id).ok_or_else(|| not_found(id))?);
         twin.update_section(section, patch, expected, stamp, &limits)
     }
 
@@ -238,14 +252,14 @@ impl Twins {
         now: Timestamp,
     ) -> Result<u64, TwinError> {
         let limits = self.limits;
-        let twin = self.twins.get_mut(id).ok_or_else(|| not_found(id))?;
+        let twin = Arc::make_mut(self.twins.get_mut(id).ok_or_else(|| not_found(id))?);
         twin.acknowledge(acks, expected, now, &limits)
     }
 
     /// Convergence of the twins `select` keeps, on one desired key or (with `None`) all keys.
     pub fn convergence(&self, key: Option<&str>, mut select: impl FnMut(&Twin) -> bool) -> FleetConvergence {
         let mut fleet = FleetConvergence::default();
-        for twin in self.twins.values().filter(|twin| select(twin)) {
+        for twin in self.iter().filter(|twin| select(twin)) {
             match key {
                 Some(key) => {
                     if let Some(entry) = twin.reconciliation().get(key) {

@@ -1,0 +1,1315 @@
+//! Black-box tests of `twin serve` over real gRPC: a server started in-process on a port-0
+//! listener on 127.0.0.1, called with the generated tonic clients.
+
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Code, Status, Streaming};
+use tonic_types::StatusExt;
+use twin_proto::v1 as pb;
+use twin_proto::v1::device_sync_client::DeviceSyncClient;
+use twin_proto::v1::twins_client::TwinsClient;
+use twin_server::serve::{Listeners, ServeConfig, ServeError, serve_listeners};
+
+/// Longest wait for any one message; a test that needs longer has failed.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+struct Server {
+    address: std::net::SocketAddr,
+    metrics: std::net::SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), ServeError>>,
+}
+
+impl Server {
+    async fn start(data: &Path) -> Server {
+        Server::start_with(data, |_| {}).await
+    }
+
+    async fn start_with(data: &Path, adjust: impl FnOnce(&mut ServeConfig)) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let metrics_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind metrics");
+        let metrics = metrics_listener.local_addr().expect("metrics address");
+        let mut config = ServeConfig {
+            listen: address,
+            data_dir: data.to_owned(),
+            ..ServeConfig::default()
+        };
+        adjust(&mut config);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let listeners = Listeners {
+            grpc: listener,
+            metrics: Some(metrics_listener),
+        };
+        let task = tokio::spawn(serve_listeners(listeners, config, async {
+            let _ = stopped.await;
+        }));
+        Server {
+            address,
+            metrics,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    async fn channel(&self) -> Channel {
+        tonic::transport::Endpoint::from_shared(format!("http://{}", self.address))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    async fn twins(&self) -> TwinsClient<Channel> {
+        TwinsClient::new(self.channel().await)
+    }
+
+    async fn sync(&self) -> DeviceSyncClient<Channel> {
+        DeviceSyncClient::new(self.channel().await)
+    }
+
+    /// Stops the server and waits until it has closed its store.
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(PATIENCE, &mut self.task)
+            .await
+            .expect("server stops in time")
+            .expect("server task")
+            .expect("server result");
+    }
+}
+
+fn create(id: &str, group: &str, desired: &str, tags: &str) -> pb::CreateTwinRequest {
+    pb::CreateTwinRequest {
+        device_id: id.to_owned(),
+        group: group.to_owned(),
+        desired_json: desired.to_owned(),
+        tags_json: tags.to_owned(),
+    }
+}
+
+fn desired(id: &str, patch: &str, expected: Option<u64>) -> pb::UpdateDesiredRequest {
+    pb::UpdateDesiredRequest {
+        device_id: id.to_owned(),
+        patch_json: patch.to_owned(),
+        expected_version: expected,
+    }
+}
+
+async fn get(client: &mut TwinsClient<Channel>, id: &str) -> Result<pb::Twin, Status> {
+    client
+        .get_twin(pb::GetTwinRequest {
+            device_id: id.to_owned(),
+            view: pb::TwinView::Full as i32,
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).expect("json")
+}
+
+async fn next<T>(stream: &mut Streaming<T>) -> Result<T, Status> {
+    match tokio::time::timeout(PATIENCE, stream.message()).await {
+        Ok(Ok(Some(message))) => Ok(message),
+        Ok(Ok(None)) => Err(Status::cancelled("stream ended")),
+        Ok(Err(status)) => Err(status),
+        Err(_) => panic!("no message within {PATIENCE:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Twins: every RPC and its errors
+
+#[tokio::test]
+async fn create_get_list_update_tags_delete_and_recreate() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(data.path()).await;
+    let mut twins = server.twins().await;
+
+    let created = twins
+        .create_twin(create("dev-1", "line-a", r#"{"rate": 10}"#, r#"{"site": "plant-a"}"#))
+        .await
+        .expect("create")
+        .into_inner();
+    assert_eq!(created.version, 1);
+    assert_eq!(created.group, "line-a");
+    assert_eq!(json(&created.delta_json), json(r#"{"rate": 10}"#));
+    assert_eq!(created.reconciliation_state, pb::ReconciliationState::Pending as i32);
+    for (id, group) in [
+        ("dev-2", "line-a"),
+        ("dev-3", "line-b"),
+        ("dev-4", ""),
+        ("dev-5", "line-b"),
+    ] {
+        twins.create_twin(create(id, group, "", "")).await.expect("create");
+    }
+
+    let updated = twins
+        .update_desired(desired("dev-1", r#"{"mode": "eco"}"#, Some(1)))
+        .await
+        .expect("update")
+        .into_inner();
+    assert_eq!(updated.version, 2);
+    assert!(!updated.delta_empty);
+    assert!(updated.revision > created.revision);
+    let tagged = twins
+        .update_tags(pb::UpdateTagsRequest {
+            device_id: "dev-1".to_owned(),
+            patch_json: r#"{"hall": 3}"#.to_owned(),
+            expected_version: Some(2),
+        })
+        .await
+        .expect("tags")
+        .into_inner();
+    assert_eq!(tagged.version, 3);
+
+    let full = get(&mut twins, "dev-1").await.expect("get");
+    assert_eq!(full.version, 3);
+    assert_eq!(full.revision, tagged.revision);
+    assert_eq!(json(&full.desired_json), json(r#"{"rate": 10, "mode": "eco"}"#));
+    assert_eq!(json(&full.tags_json), json(r#"{"site": "plant-a", "hall": 3}"#));
+    assert_eq!(json(&full.reported_json), json("{}"));
+    let paths: Vec<&str> = full.desired_metadata.iter().map(|leaf| leaf.path.as_str()).collect();
+    assert_eq!(paths, ["/mode", "/rate"]);
+    let keys: Vec<&str> = full.reconciliation.iter().map(|entry| entry.key.as_str()).collect();
+    assert_eq!(keys, ["mode", "rate"]);
+    let basic = twins
+        .get_twin(pb::GetTwinRequest {
+            device_id: "dev-1".to_owned(),
+            view: pb::TwinView::Basic as i32,
+        })
+        .await
+        .expect("basic")
+        .into_inner();
+    assert!(basic.desired_json.is_empty() && basic.tags_json.is_empty());
+    assert_eq!(basic.version, 3);
+
+    // Paging: 5 twins, 2 per page, in id order.
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = twins
+            .list_twins(pb::ListTwinsRequest {
+                page_size: 2,
+                page_token: token.clone(),
+                ..pb::ListTwinsRequest::default()
+            })
+            .await
+            .expect("list")
+            .into_inner();
+        assert!(page.twins.len() <= 2);
+        seen.extend(page.twins.into_iter().map(|twin| twin.device_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen, ["dev-1", "dev-2", "dev-3", "dev-4", "dev-5"]);
+
+    let list = |filter: pb::TwinFilter| pb::ListTwinsRequest {
+        filter: Some(filter),
+        ..pb::ListTwinsRequest::default()
+    };
+    let ids = |response: pb::ListTwinsResponse| {
+        response
+            .twins
+            .into_iter()
+            .map(|twin| twin.device_id)
+            .collect::<Vec<_>>()
+    };
+    let by_group = twins
+        .list_twins(list(pb::TwinFilter {
+            groups: vec!["line-b".to_owned()],
+            ..pb::TwinFilter::default()
+        }))
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(ids(by_group), ["dev-3", "dev-5"]);
+    let by_tag = twins
+        .list_twins(list(pb::TwinFilter {
+            tags: vec![pb::TagMatch {
+                path: "/hall".to_owned(),
+                value_json: Some("3.0".to_owned()),
+            }],
+            ..pb::TwinFilter::default()
+        }))
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(ids(by_tag), ["dev-1"]);
+    let pending = twins
+        .list_twins(list(pb::TwinFilter {
+            reconciliation_state: pb::ReconciliationState::Pending as i32,
+            connected: Some(false),
+            ..pb::TwinFilter::default()
+        }))
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(ids(pending), ["dev-1"]);
+
+    let deleted = twins
+        .delete_twin(pb::DeleteTwinRequest {
+            device_id: "dev-1".to_owned(),
+            expected_version: None,
+        })
+        .await
+        .expect("delete")
+        .into_inner();
+    assert_eq!(deleted.version, 4);
+    let gone = get(&mut twins, "dev-1").await.expect_err("deleted");
+    assert_eq!(gone.code(), Code::NotFound);
+    let again = twins
+        .create_twin(create("dev-1", "", "", ""))
+        .await
+        .expect("recreate")
+        .into_inner();
+    assert_eq!(again.version, 5, "a version is never reused after delete and re-create");
+
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn refused_requests_get_their_codes_with_the_field_and_change_nothing() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = Server::start_with(data.path(), |config| config.limits.max_desired_bytes = 64).await;
+    let mut twins = server.twins().await;
+    twins
+        .create_twin(create("dev-1", "", r#"{"a": 1}"#, ""))
+        .await
+        .expect("create");
+
+    let exists = twins
+        .create_twin(create("dev-1", "", "", ""))
+        .await
+        .expect_err("duplicate");
+    assert_eq!(exists.code(), Code::AlreadyExists);
+    let bad_id = twins
+        .create_twin(create("dev 1", "", "", ""))
+        .await
+        .expect_err("bad id");
+    assert_eq!(bad_id.code(), Code::InvalidArgument);
+    assert!(bad_id.message().starts_with("twin_id:"), "{}", bad_id.message());
+    let bad_key = twins
+        .update_desired(desired("dev-1", r#"{"cfg": {"$v": 1}}"#, None))
+        .await
+        .expect_err("bad key");
+    assert_eq!(bad_key.code(), Code::InvalidArgument);
+    assert!(bad_key.message().starts_with("desired.cfg"), "{}", bad_key.message());
+    let violation = bad_key.get_details_bad_request().expect("bad request details");
+    assert_eq!(violation.field_violations[0].field, "desired.cfg[\"$v\"]");
+    let not_json = twins
+        .update_desired(desired("dev-1", "{", None))
+        .await
+        .expect_err("not json");
+    assert_eq!(not_json.code(), Code::InvalidArgument);
+    assert!(
+        not_json.message().starts_with("patch_json: not valid JSON"),
+        "{}",
+        not_json.message()
+    );
+    let empty = twins
+        .update_desired(desired("dev-1", "", None))
+        .await
+        .expect_err("empty");
+    assert_eq!(empty.code(), Code::InvalidArgument);
+    let too_big = twins
+        .update_desired(desired("dev-1", &format!(r#"{{"b": "{}"}}"#, "x".repeat(60)), None))
+        .await
+        .expect_err("too big");
+    assert_eq!(too_big.code(), Code::ResourceExhausted);
+    assert!(too_big.message().contains("max_desired_bytes"), "{}", too_big.message());
+    let unknown = twins
+        .update_desired(desired("dev-9", "{}", None))
+        .await
+        .expect_err("unknown");
+    assert_eq!(unknown.code(), Code::NotFound);
+    let unknown_get = get(&mut twins, "dev-9").await.expect_err("unknown");
+    assert_eq!(unknown_get.code(), Code::NotFound);
+    let unknown_delete = twins
+        .delete_twin(pb::DeleteTwinRequest {
+            device_id: "dev-9".to_owned(),
+            expected_version: None,
+        })
+        .await
+        .expect_err("unknown");
+    assert_eq!(unknown_delete.code(), Code::NotFound);
+    let bad_token = twins
+        .list_twins(pb::ListTwinsRequest {
+            page_token: "nonsense".to_owned(),
+            ..pb::ListTwinsRequest::default()
+        })
+        .await
+        .expect_err("token");
+    assert_eq!(bad_token.code(), Code::InvalidArgument);
+    let bad_pointer = twins
+        .list_twins(pb::ListTwinsRequest {
+            filter: Some(pb::TwinFilter {
+                tags: vec![pb::TagMatch {
+                    path: "site".to_owned(),
+                    value_json: None,
+                }],
+                ..pb::TwinFilter::default()
+            }),
+            ..pb::ListTwinsRequest::default()
+        })
+        .await
+        .expect_err("pointer");
+    assert_eq!(bad_pointer.code(), Code::InvalidArgument);
+    assert!(
+        bad_pointer.message().starts_with("filter.tags[0].path"),
+        "{}",
+        bad_pointer.message()
+    );
+
+    let twin = get(&mut twins, "dev-1").await.expect("get");
+    assert_eq!(twin.version, 1, "refused requests change nothing");
+    assert_eq!(json(&twin.desired_json), json(r#"{"a": 1}"#));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_wrong_expected_version_is_aborted_with_the_current_version_and_one_of_two_racers_wins() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(data.path()).await;
+    let mut twins = server.twins().await;
+    twins.create_twin(create("dev-1", "", "", "")).await.expect("create");
+    twins
+        .update_desired(desired("dev-1", r#"{"a": 1}"#, None))
+        .await
+        .expect("update");
+
+    let conflict = twins
+        .update_desired(desired("dev-1", r#"{"a": 2}"#, Some(1)))
+        .await
+        .expect_err("conflict");
+    assert_eq!(conflict.code(), Code::Aborted);
+    let info = conflict.get_details_error_info().expect("error info");
+    assert_eq!(info.reason, "VERSION_CONFLICT");
+    assert_eq!(info.metadata.get("current_version").map(String::as_str), Some("2"));
+    let twin = get(&mut twins, "dev-1").await.expect("get");
+    assert_eq!((twin.version, json(&twin.desired_json)), (2, json(r#"{"a": 1}"#)));
+    let delete_conflict = twins
+        .delete_twin(pb::DeleteTwinRequest {
+            device_id: "dev-1".to_owned(),
+            expected_version: Some(7),
+        })
+        .await
+        .expect_err("conflict");
+    assert_eq!(delete_conflict.code(), Code::Aborted);
+
+    // Eight writers race with the same expected version: exactly one wins.
+    let mut racers = Vec::new();
+    for racer in 0..8 {
+        let mut client = server.twins().await;
+        racers.push(tokio::spawn(async move {
+            client
+                .update_desired(desired("dev-1", &format!(r#"{{"winner": {racer}}}"#), Some(2)))
+                .await
+        }));
+    }
+    let mut won = 0;
+    for racer in racers {
+        match racer.await.expect("racer") {
+            Ok(response) => {
+                won += 1;
+                assert_eq!(response.into_inner().version, 3);
+            }
+            Err(status) => assert_eq!(status.code(), Code::Aborted),
+        }
+    }
+    assert_eq!(won, 1);
+    assert_eq!(get(&mut twins, "dev-1").await.expect("get").version, 3);
+    server.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// DeviceSync
+
+struct Device {
+    outbox: mpsc::Sender<pb::DeviceMessage>,
+    inbox: Streaming<pb::ServerMessage>,
+    sequence: u64,
+}
+
+impl Device {
+    async fn connect(server: &Server, hello: pb::Hello) -> Result<Device, Status> {
+        let (outbox, receiver) = mpsc::channel(16);
+        outbox
+            .send(pb::DeviceMessage {
+                sequence: 0,
+                body: Some(pb::device_message::Body::Hello(hello)),
+            })
+            .await
+            .expect("queue hello");
+        let inbox = server
+            .sync()
+            .await
+            .sync(ReceiverStream::new(receiver))
+            .await?
+            .into_inner();
+        Ok(Device {
+            outbox,
+            inbox,
+            sequence: 0,
+        })
+    }
+
+    async fn send(&mut self, body: pb::device_message::Body) -> u64 {
+        self.sequence += 1;
+        self.outbox
+            .send(pb::DeviceMessage {
+                sequence: self.sequence,
+                body: Some(body),
+            })
+            .await
+            .expect("send");
+        self.sequence
+    }
+
+    async fn delta(&mut self) -> pb::DesiredDelta {
+        match next(&mut self.inbox).await.expect("message").body {
+            Some(pb::server_message::Body::Delta(delta)) => delta,
+            other => panic!("expected a delta, got {other:?}"),
+        }
+    }
+}
+
+fn hello(id: &str, last_desired_version: u64) -> pb::Hello {
+    pb::Hello {
+        device_id: id.to_owned(),
+        last_desired_version,
+        ..pb::Hello::default()
+    }
+}
+
+#[tokio::test]
+async fn a_device_registers_reports_acknowledges_and_receives_deltas() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(data.path()).await;
+    let mut twins = server.twins().await;
+
+    let mut device = Device::connect(
+        &server,
+        pb::Hello {
+            device_id: "cam-1".to_owned(),
+            group: "cams".to_owned(),
+            firmware: "1.2.0".to_owned(),
+            model: Some(pb::ModelRef {
+                name: "digits".to_owned(),
+                version: 2,
+                sha256: String::new(),
+            }),
+            ..pb::Hello::default()
+        },
+    )
+    .await
+    .expect("connect");
+    let connected = device.delta().await;
+    assert_eq!(connected.reason, pb::DeltaReason::Connected as i32);
+    assert_eq!(json(&connected.delta_json), json("{}"));
+    assert_eq!(
+        connected.version, 2,
+        "created at 1, the Hello's model and firmware reported at 2"
+    );
+
+    let twin = get(&mut twins, "cam-1").await.expect("registered by its hello");
+    assert_eq!(twin.group, "cams");
+    assert_eq!(twin.reported_model.as_ref().map(|model| model.version), Some(2));
+    assert_eq!(json(&twin.reported_json)["firmware"], json(r#""1.2.0""#));
+    assert!(twin.connection.as_ref().is_some_and(|connection| connection.connected));
+
+    let update = twins
+        .update_desired(desired("cam-1", r#"{"fps": 30, "mode": "night"}"#, None))
+        .await
+        .expect("update")
+        .into_inner();
+    let pushed = device.delta().await;
+    assert_eq!(pushed.reason, pb::DeltaReason::DesiredChanged as i32);
+    assert_eq!(pushed.version, update.version);
+    assert_eq!(json(&pushed.delta_json), json(r#"{"fps": 30, "mode": "night"}"#));
+
+    let sequence = device
+        .send(pb::device_message::Body::Reported(pb::ReportedPatch {
+            patch_json: r#"{"fps": 30}"#.to_owned(),
+            source_time: Some(prost_types::Timestamp {
+                seconds: 1_700_000_000,
+                nanos: 0,
+            }),
+        }))
+        .await;
+    match next(&mut device.inbox).await.expect("ack").body {
+        Some(pb::server_message::Body::ReportedAck(ack)) => {
+            assert_eq!(ack.sequence, sequence);
+            assert_eq!(ack.version, update.version + 1);
+        }
+        other => panic!("expected a reported ack, got {other:?}"),
+    }
+    device
+        .send(pb::device_message::Body::Acks(pb::DesiredAcks {
+            acks: vec![pb::DesiredAck {
+                key: "mode".to_owned(),
+                status_code: 400,
+                acknowledged_version: update.version,
+                description: "no night mode on this sensor".to_owned(),
+            }],
+        }))
+        .await;
+    // Refused messages answer with a SyncError and the stream goes on.
+    let bad = device
+        .send(pb::device_message::Body::Reported(pb::ReportedPatch {
+            patch_json: "[1]".to_owned(),
+            source_time: None,
+        }))
+        .await;
+    match next(&mut device.inbox).await.expect("error").body {
+        Some(pb::server_message::Body::Error(error)) => {
+            assert_eq!(error.sequence, bad);
+            assert_eq!(error.code, Code::InvalidArgument as i32);
+            assert_eq!(error.field_path, "reported.patch_json");
+        }
+        other => panic!("expected a sync error, got {other:?}"),
+    }
+    let bad_key = device
+        .send(pb::device_message::Body::Reported(pb::ReportedPatch {
+            patch_json: r#"{"cfg": {"a b": 1}}"#.to_owned(),
+            source_time: None,
+        }))
+        .await;
+    match next(&mut device.inbox).await.expect("error").body {
+        Some(pb::server_message::Body::Error(error)) => {
+            assert_eq!(error.sequence, bad_key);
+            assert_eq!(error.code, Code::InvalidArgument as i32);
+            assert_eq!(error.field_path, "reported.cfg[\"a b\"]");
+        }
+        other => panic!("expected a sync error, got {other:?}"),
+    }
+    let foreign = device
+        .send(pb::device_message::Body::Telemetry(pb::TelemetryBatch {
+            stamp: Some(pb::BatchStamp {
+                device_id: "cam-2".to_owned(),
+                ..pb::BatchStamp::default()
+            }),
+            sensors: Vec::new(),
+        }))
+        .await;
+    match next(&mut device.inbox).await.expect("error").body {
+        Some(pb::server_message::Body::Error(error)) => {
+            assert_eq!(error.sequence, foreign);
+            assert_eq!(error.code, Code::PermissionDenied as i32);
+        }
+        other => panic!("expected a sync error, got {other:?}"),
+    }
+
+    let twin = get(&mut twins, "cam-1").await.expect("get");
+    let states: Vec<(String, i32)> = twin
+        .reconciliation
+        .iter()
+        .map(|entry| (entry.key.clone(), entry.state))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("fps".to_owned(), pb::ReconciliationState::Succeeded as i32),
+            ("mode".to_owned(), pb::ReconciliationState::Failed as i32)
+        ]
+    );
+    assert_eq!(twin.reconciliation_state, pb::ReconciliationState::Failed as i32);
+    let fps = twin
+        .reported_metadata
+        .iter()
+        .find(|leaf| leaf.path == "/fps")
+        .expect("fps metadata");
+    assert_eq!(fps.source_time.as_ref().map(|time| time.seconds), Some(1_700_000_000));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_stream_must_start_with_hello_and_a_second_stream_ends_the_first() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(data.path()).await;
+
+    let (outbox, receiver) = mpsc::channel(1);
+    outbox
+        .send(pb::DeviceMessage {
+            sequence: 1,
+            body: Some(pb::device_message::Body::Reported(pb::ReportedPatch {
+                patch_json: "{}".to_owned(),
+                source_time: None,
+            })),
+        })
+        .await
+        .expect("queue");
+    let refused = server
+        .sync()
+        .await
+        .sync(ReceiverStream::new(receiver))
+        .await
+        .expect_err("no hello");
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    let bad_id = Device::connect(&server, hello("bad id", 0))
+        .await
+        .err()
+        .expect("bad id");
+    assert_eq!(bad_id.code(), Code::InvalidArgument);
+
+    let mut first = Device::connect(&server, hello("dev-1", 0)).await.expect("first");
+    first.delta().await;
+    let mut second = Device::connect(&server, hello("dev-1", 0)).await.expect("second");
+    second.delta().await;
+    let ended = next(&mut first.inbox).await.expect_err("first stream ends");
+    assert_eq!(ended.code(), Code::Aborted);
+
+    // The second stream is the live one: it gets the next delta.
+    let mut twins = server.twins().await;
+    twins
+        .update_desired(desired("dev-1", r#"{"x": 1}"#, None))
+        .await
+        .expect("update");
+    assert_eq!(json(&second.delta().await.delta_json), json(r#"{"x": 1}"#));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_reconnecting_device_gets_the_whole_delta_and_no_delta_twice() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(data.path()).await;
+    let mut twins = server.twins().await;
+    twins
+        .create_twin(create("dev-1", "", r#"{"rate": 1}"#, ""))
+        .await
+        .expect("create");
+
+    let mut device = Device::connect(&server, hello("dev-1", 0)).await.expect("connect");
+    let first = device.delta().await;
+    assert_eq!(json(&first.delta_json), json(r#"{"rate": 1}"#));
+    let last_seen = first.version;
+    drop(device);
+
+    // Offline: two desired changes.
+    twins
+        .update_desired(desired("dev-1", r#"{"mode": "eco"}"#, None))
+        .await
+        .expect("offline 1");
+    let offline = twins
+        .update_desired(desired("dev-1", r#"{"rate": 20}"#, None))
+        .await
+        .expect("offline 2")
+        .into_inner();
+
+    let mut device = Device::connect(&server, hello("dev-1", last_seen))
+        .await
+        .expect("reconnect");
+    let connected = device.delta().await;
+    assert_eq!(connected.reason, pb::DeltaReason::Connected as i32);
+    assert_eq!(connected.version, offline.version);
+    assert_eq!(json(&connected.delta_json), json(r#"{"mode": "eco", "rate": 20}"#));
+    let twin = get(&mut twins, "dev-1").await.expect("get");
+    assert_eq!(
+        twin.connection.map(|connection| connection.last_desired_version),
+        Some(last_seen)
+    );
+
+    // Online again: every later change arrives once, versions strictly increasing.
+    let mut versions = Vec::new();
+    for step in 0..5 {
+        let response = twins
+            .update_desired(desired("dev-1", &format!(r#"{{"step": {step}}}"#), None))
+            .await
+            .expect("update")
+            .into_inner();
+        versions.push(response.version);
+    }
+    let mut received = Vec::new();
+    for _ in 0..5 {
+        received.push(device.delta().await.version);
+    }
+    assert_eq!(received, versions);
+    // Nothing else is queued: a reported patch is answered by its ack, not by a stale delta.
+    let sequence = device
+        .send(pb::device_message::Body::Reported(pb::ReportedPatch {
+            patch_json: r#"{"rate": 20}"#.to_owned(),
+            source_time: None,
+        }))
+        .await;
+    match next(&mut device.inbox).await.expect("ack").body {
+        Some(pb::server_message::Body::ReportedAck(ack)) => assert_eq!(ack.sequence, sequence),
+        other => panic!("expected the reported ack next, got {other:?}"),
+    }
+    server.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Durability
+
+#[tokio::test]
+async fn twins_versions_tags_and_revisions_survive_a_restart() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(data.path()).await;
+    let mut twins = server.twins().await;
+    twins
+        .create_twin(create("dev-1", "g", r#"{"a": 1}"#, r#"{"site": "x"}"#))
+        .await
+        .expect("create");
+    twins
+        .update_desired(desired("dev-1", r#"{"b": [1, 2]}"#, None))
+        .await
+        .expect("update");
+    twins.create_twin(create("dev-2", "", "", "")).await.expect("create");
+    let deleted = twins
+        .delete_twin(pb::DeleteTwinRequest {
+            device_id: "dev-2".to_owned(),
+            expected_version: None,
+        })
+        .await
+        .expect("delete")
+        .into_inner();
+    let before = get(&mut twins, "dev-1").await.expect("get");
+    drop(twins);
+    server.stop().await;
+
+    let server = Server::start(data.path()).await;
+    let mut twins = server.twins().await;
+    let after = get(&mut twins, "dev-1").await.expect("get after restart");
+    assert_eq!(after.version, before.version);
+    assert_eq!(after.revision, before.revision);
+    assert_eq!(after.desired_json, before.desired_json);
+    assert_eq!(after.tags_json, before.tags_json);
+    assert_eq!(after.group, "g");
+    assert_eq!(after.reconciliation, before.reconciliation);
+    assert_eq!(
+        get(&mut twins, "dev-2").await.expect_err("deleted").code(),
+        Code::NotFound
+    );
+    let recreated = twins
+        .create_twin(create("dev-2", "", "", ""))
+        .await
+        .expect("recreate")
+        .into_inner();
+    assert_eq!(recreated.version, deleted.version + 1);
+    assert_eq!(
+        recreated.revision,
+        deleted.revision + 1,
+        "revisions continue after a restart"
+    );
+    server.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Watch
+
+async fn watch(
+    server: &Server,
+    after_revision: Option<u64>,
+    filter: Option<pb::TwinFilter>,
+) -> Result<Streaming<pb::WatchResponse>, Status> {
+    server
+        .twins()
+        .await
+        .watch(pb::WatchRequest {
+            filter,
+            after_revision,
+            include_telemetry: false,
+            progress_interval_ms: 0,
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn next_change(stream: &mut Streaming<pb::WatchResponse>) -> pb::ChangeEvent {
+    loop {
+        match next(stream).await.expect("watch message").event {
+            Some(pb::watch_response::Event::Change(change)) => return *change,
+            Some(pb::watch_response::Event::Progress(_)) => continue,
+            other => panic!("expected a change, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn watch_streams_changes_in_order_and_resumes_without_gaps() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(data.path()).await;
+    let mut twins = server.twins().await;
+
+    let mut stream = watch(&server, None, None).await.expect("watch");
+    let started = match next(&mut stream).await.expect("started").event {
+        Some(pb::watch_response::Event::Started(started)) => started,
+        other => panic!("expected started, got {other:?}"),
+    };
+    assert_eq!(started.revision, 0);
+    twins.create_twin(create("dev-1", "g", "", "")).await.expect("create");
+    twins
+        .update_desired(desired("dev-1", r#"{"a": 1}"#, None))
+        .await
+        .expect("update");
+    let created = next_change(&mut stream).await;
+    assert_eq!((created.revision, created.kind), (1, pb::ChangeKind::Created as i32));
+    assert!(created.twin.is_some());
+    let updated = next_change(&mut stream).await;
+    assert_eq!((updated.revision, updated.version), (2, 2));
+    assert_eq!(updated.kind, pb::ChangeKind::DesiredUpdated as i32);
+    assert_eq!(json(&updated.delta_json), json(r#"{"a": 1}"#));
+    drop(stream);
+
+    // While nobody watches: more changes, on two twins.
+    twins.create_twin(create("dev-2", "h", "", "")).await.expect("create");
+    for value in 2..6 {
+        twins
+            .update_desired(desired("dev-1", &format!(r#"{{"a": {value}}}"#), None))
+            .await
+            .expect("update");
+    }
+    twins
+        .update_tags(pb::UpdateTagsRequest {
+            device_id: "dev-2".to_owned(),
+            patch_json: r#"{"t": true}"#.to_owned(),
+            expected_version: None,
+        })
+        .await
+        .expect("tags");
+
+    let mut resumed = watch(&server, Some(updated.revision), None).await.expect("resume");
+    let _started = next(&mut resumed).await.expect("started");
+    let mut revisions = Vec::new();
+    for _ in 0..6 {
+        revisions.push(next_change(&mut resumed).await.revision);
+    }
+    assert_eq!(revisions, [3, 4, 5, 6, 7, 8], "every missed change, once, in order");
+    twins
+        .delete_twin(pb::DeleteTwinRequest {
+            device_id: "dev-2".to_owned(),
+            expected_version: None,
+        })
+        .await
+        .expect("delete");
+    let live = next_change(&mut resumed).await;
+    assert_eq!((live.revision, live.kind), (9, pb::ChangeKind::Deleted as i32));
+
+    // A filtered watcher sees only its group, and versions step by one per document change.
+    let mut filtered = watch(
+        &server,
+        Some(0),
+        Some(pb::TwinFilter {
+            groups: vec!["g".to_owned()],
+            ..pb::TwinFilter::default()
+        }),
+    )
+    .await
+    .expect("filtered");
+    let _started = next(&mut filtered).await.expect("started");
+    let mut versions = Vec::new();
+    for _ in 0..6 {
+        let change = next_change(&mut filtered).await;
+        assert_eq!(change.device_id, "dev-1");
+        versions.push(change.version);
+    }
+    assert_eq!(versions, [1, 2, 3, 4, 5, 6]);
+
+    let ahead = watch(&server, Some(1000), None).await.expect_err("ahead");
+    assert_eq!(ahead.code(), Code::OutOfRange);
+    let telemetry = server
+        .twins()
+        .await
+        .watch(pb::WatchRequest {
+            include_telemetry: true,
+            ..pb::WatchRequest::default()
+        })
+        .await
+        .expect_err("not implemented");
+    assert_eq!(telemetry.code(), Code::Unimplemented);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_writers_give_a_gap_free_stream_and_ordered_deltas() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(data.path()).await;
+    let mut twins = server.twins().await;
+    const TWINS: usize = 4;
+    const WRITERS: usize = 8;
+    const UPDATES: usize = 40;
+    for twin in 0..TWINS {
+        twins
+            .create_twin(create(&format!("dev-{twin}"), "", "", ""))
+            .await
+            .expect("create");
+    }
+    let mut device = Device::connect(&server, hello("dev-0", 0)).await.expect("connect");
+    let connected = device.delta().await;
+    let mut stream = watch(&server, Some(0), None).await.expect("watch");
+    let _started = next(&mut stream).await.expect("started");
+
+    let mut writers = Vec::new();
+    for writer in 0..WRITERS {
+        let mut client = server.twins().await;
+        writers.push(tokio::spawn(async move {
+            for update in 0..UPDATES {
+                let id = format!("dev-{}", (writer + update) % TWINS);
+                let patch = format!(r#"{{"w{writer}": {update}}}"#);
+                client.update_desired(desired(&id, &patch, None)).await.expect("update");
+            }
+        }));
+    }
+    for writer in writers {
+        writer.await.expect("writer");
+    }
+
+    let total = TWINS + WRITERS * UPDATES;
+    let mut last_version = [0u64; TWINS];
+    let mut device_changes = Vec::new();
+    for expected_revision in 1..=total as u64 {
+        let change = next_change(&mut stream).await;
+        assert_eq!(change.revision, expected_revision, "gap-free, in order");
+        let twin: usize = change.device_id.trim_start_matches("dev-").parse().expect("index");
+        assert_eq!(
+            change.version,
+            last_version[twin] + 1,
+            "{}: versions step by one",
+            change.device_id
+        );
+        last_version[twin] = change.version;
+        if twin == 0 && change.kind == pb::ChangeKind::DesiredUpdated as i32 {
+            device_changes.push(change.version);
+        }
+    }
+    // The device got one whole delta per desired change of its twin, in version order.
+    assert_eq!(device_changes.len(), WRITERS * UPDATES / TWINS);
+    assert!(connected.version < device_changes[0]);
+    let mut deltas = Vec::new();
+    for _ in 0..device_changes.len() {
+        deltas.push(device.delta().await.version);
+    }
+    assert_eq!(deltas, device_changes);
+    let twin = get(&mut twins, "dev-0").await.expect("get");
+    assert_eq!(json(&twin.delta_json), json(&twin.desired_json));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn watch_from_a_revision_older_than_the_history_is_out_of_range_with_the_oldest_kept() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = Server::start_with(data.path(), |config| config.watch.history = 4).await;
+    let mut twins = server.twins().await;
+    twins.create_twin(create("dev-1", "", "", "")).await.expect("create");
+    for value in 0..9 {
+        twins
+            .update_desired(desired("dev-1", &format!(r#"{{"a": {value}}}"#), None))
+            .await
+            .expect("update");
+    }
+    // Revisions 1..=10; the last 4 are kept, so resuming after 6 works and after 5 does not.
+    let gone = watch(&server, Some(5), None).await.expect_err("too old");
+    assert_eq!(gone.code(), Code::OutOfRange);
+    let info = gone.get_details_error_info().expect("error info");
+    assert_eq!(info.metadata.get("oldest_revision").map(String::as_str), Some("6"));
+    let mut stream = watch(&server, Some(6), None).await.expect("resume at the oldest kept");
+    let _started = next(&mut stream).await.expect("started");
+    assert_eq!(next_change(&mut stream).await.revision, 7);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_filtered_watcher_gets_progress_past_changes_it_does_not_match() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(data.path()).await;
+    let mut twins = server.twins().await;
+    let mut stream = server
+        .twins()
+        .await
+        .watch(pb::WatchRequest {
+            filter: Some(pb::TwinFilter {
+                groups: vec!["nobody".to_owned()],
+                ..pb::TwinFilter::default()
+            }),
+            after_revision: None,
+            include_telemetry: false,
+            progress_interval_ms: 10,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let _started = next(&mut stream).await.expect("started");
+    twins.create_twin(create("dev-1", "g", "", "")).await.expect("create");
+    let last = twins
+        .update_desired(desired("dev-1", r#"{"a": 1}"#, None))
+        .await
+        .expect("update")
+        .into_inner()
+        .revision;
+    loop {
+        match next(&mut stream).await.expect("watch message").event {
+            Some(pb::watch_response::Event::Progress(progress)) if progress.revision == last => break,
+            Some(pb::watch_response::Event::Progress(progress)) => assert!(progress.revision < last),
+            other => panic!("expected only progress, got {other:?}"),
+        }
+    }
+    server.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shutdown
+
+#[tokio::test]
+async fn shutdown_during_a_stream_of_writes_keeps_every_acknowledged_write() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(data.path()).await;
+    let mut twins = server.twins().await;
+    const WRITERS: usize = 16;
+    for writer in 0..WRITERS {
+        twins
+            .create_twin(create(&format!("dev-{writer}"), "", r#"{"n": 0}"#, ""))
+            .await
+            .expect("create");
+    }
+    // Each writer updates its own twin with 1, 2, 3, ... until the server refuses; it returns
+    // the last value acknowledged. The server is stopped once 200 writes were acknowledged.
+    let (acked, mut acks) = mpsc::channel::<()>(1024);
+    let mut writers = Vec::new();
+    for writer in 0..WRITERS {
+        let mut client = server.twins().await;
+        let acked = acked.clone();
+        writers.push(tokio::spawn(async move {
+            let mut last = 0u64;
+            for value in 1..=10_000u64 {
+                let update = desired(&format!("dev-{writer}"), &format!(r#"{{"n": {value}}}"#), None);
+                if client.update_desired(update).await.is_err() {
+                    break;
+                }
+                last = value;
+                let _ = acked.try_send(());
+            }
+            last
+        }));
+    }
+    drop(acked);
+    for _ in 0..200 {
+        acks.recv().await.expect("acknowledged writes");
+    }
+    server.stop().await;
+    let mut acknowledged = Vec::new();
+    for writer in writers {
+        acknowledged.push(writer.await.expect("writer"));
+    }
+    assert!(
+        acknowledged.iter().all(|last| *last < 10_000),
+        "every writer was stopped"
+    );
+
+    let server = Server::start(data.path()).await;
+    let mut twins = server.twins().await;
+    for (writer, last) in acknowledged.iter().enumerate() {
+        let twin = get(&mut twins, &format!("dev-{writer}")).await.expect("get");
+        let stored = json(&twin.desired_json)["n"].as_u64().expect("n");
+        // Every acknowledged write is there; at most one more (applied, but its reply lost).
+        assert!(
+            stored == *last || stored == *last + 1,
+            "dev-{writer}: stored {stored}, acknowledged {last}"
+        );
+        assert_eq!(twin.version, stored + 1);
+    }
+    server.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Authentication
+
+fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    let value = format!("Bearer {token}").parse().expect("header value");
+    request.metadata_mut().insert("authorization", value);
+    request
+}
+
+async fn open_sync(
+    server: &Server,
+    device_id: &str,
+    token: Option<&str>,
+) -> Result<(mpsc::Sender<pb::DeviceMessage>, Streaming<pb::ServerMessage>), Status> {
+    let hello = pb::DeviceMessage {
+        sequence: 0,
+        body: Some(pb::device_message::Body::Hello(hello(device_id, 0))),
+    };
+    // The stream stays open as long as the caller keeps the sender.
+    let (outbox, receiver) = mpsc::channel(1);
+    outbox.send(hello).await.expect("queue hello");
+    let stream = ReceiverStream::new(receiver);
+    let request = match token {
+        Some(token) => with_token(stream, token),
+        None => tonic::Request::new(stream),
+    };
+    let inbox = server.sync().await.sync(request).await?.into_inner();
+    Ok((outbox, inbox))
+}
+
+#[tokio::test]
+async fn tokens_give_operators_everything_and_devices_only_their_own_stream() {
+    use twin_server::serve::auth::{AuthConfig, DeviceToken};
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = Server::start_with(data.path(), |config| {
+        config.auth = AuthConfig {
+            operator_tokens: vec!["op-secret".to_owned()],
+            devices: vec![DeviceToken {
+                device_id: "cam-1".to_owned(),
+                token: "cam-1-secret".to_owned(),
+            }],
+        };
+    })
+    .await;
+    let mut twins = server.twins().await;
+    let get_request = |id: &str| pb::GetTwinRequest {
+        device_id: id.to_owned(),
+        view: 0,
+    };
+
+    let anonymous = twins.get_twin(get_request("cam-1")).await.expect_err("no token");
+    assert_eq!(anonymous.code(), Code::Unauthenticated);
+    let wrong = twins
+        .get_twin(with_token(get_request("cam-1"), "guess"))
+        .await
+        .expect_err("wrong token");
+    assert_eq!(wrong.code(), Code::Unauthenticated);
+    let device_on_twins = twins
+        .get_twin(with_token(get_request("cam-1"), "cam-1-secret"))
+        .await
+        .expect_err("device token on Twins");
+    assert_eq!(device_on_twins.code(), Code::PermissionDenied);
+    twins
+        .create_twin(with_token(create("cam-2", "", "", ""), "op-secret"))
+        .await
+        .expect("operator creates");
+
+    let no_token = open_sync(&server, "cam-1", None).await.expect_err("no token");
+    assert_eq!(no_token.code(), Code::Unauthenticated);
+    let other_device = open_sync(&server, "cam-2", Some("cam-1-secret"))
+        .await
+        .expect_err("another device");
+    assert_eq!(other_device.code(), Code::PermissionDenied);
+    let (_own_outbox, mut own) = open_sync(&server, "cam-1", Some("cam-1-secret"))
+        .await
+        .expect("own stream");
+    assert!(matches!(
+        next(&mut own).await.expect("delta").body,
+        Some(pb::server_message::Body::Delta(_))
+    ));
+    let (_operator_outbox, mut operator) = open_sync(&server, "cam-2", Some("op-secret"))
+        .await
+        .expect("operator stream");
+    assert!(matches!(
+        next(&mut operator).await.expect("delta").body,
+        Some(pb::server_message::Body::Delta(_))
+    ));
+    server.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metrics
+
+async fn http_get(address: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await.expect("connect metrics");
+    let request = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = String::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_string(&mut response))
+        .await
+        .expect("metrics answer in time")
+        .expect("read");
+    response
+}
+
+#[tokio::test]
+async fn metrics_count_twins_changes_connections_and_pending_keys() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(data.path()).await;
+    let mut twins = server.twins().await;
+    twins
+        .create_twin(create("dev-1", "", r#"{"a": 1}"#, ""))
+        .await
+        .expect("create");
+    twins
+        .update_desired(desired("dev-1", r#"{"b": 2}"#, None))
+        .await
+        .expect("update");
+    let mut device = Device::connect(&server, hello("dev-1", 0)).await.expect("connect");
+    device.delta().await;
+
+    let response = http_get(server.metrics, "/metrics").await;
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    let value = |name: &str| {
+        response
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} in {response}"))
+            .to_owned()
+    };
+    assert_eq!(value("twin_twins"), "1");
+    assert_eq!(value("twin_changes_total"), "2");
+    assert_eq!(value("twin_revision"), "2");
+    assert_eq!(value("twin_connected_devices"), "1");
+    assert_eq!(value("twin_reconciliation_pending_keys"), "2");
+    assert_eq!(value("twin_deltas_sent_total"), "1");
+    assert!(response.contains("# TYPE twin_changes_total counter"));
+    let missing = http_get(server.metrics, "/other").await;
+    assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+    server.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Health and reflection
+
+#[tokio::test]
+async fn health_and_reflection_answer_for_the_twin_services() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(data.path()).await;
+    let mut health = HealthClient::new(server.channel().await);
+    for service in ["twin.v1.Twins", "twin.v1.DeviceSync"] {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .expect("health")
+            .into_inner();
+        assert_eq!(status.status, ServingStatus::Serving as i32, "{service}");
+    }
+
+    let mut reflection = ServerReflectionClient::new(server.channel().await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let response = responses.next().await.expect("one response").expect("ok");
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("expected a service list");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|service| service.name).collect();
+    for wanted in ["twin.v1.Twins", "twin.v1.DeviceSync", "grpc.health.v1.Health"] {
+        assert!(names.iter().any(|name| name == wanted), "{wanted} in {names:?}");
+    }
+    server.stop().await;
+}
