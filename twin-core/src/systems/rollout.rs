@@ -279,16 +279,14 @@ pub fn advance_rollouts(world: &mut World) {
     };
     let now = world.resource::<SimClock>().step_end;
     for run in rollouts.runs.iter_mut().filter(|r| r.state == RolloutState::InProgress) {
-        let Some(comparison) = world
+        let Some((observed, seen)) = world
             .resource::<Metrics>()
             .comparisons
             .get(run.spec.comparison)
-            .cloned()
+            .map(|c| (Observed::of(c), c.devices.len() as u64))
         else {
             continue;
         };
-        let observed = Observed::of(&comparison);
-        let seen = comparison.devices.len() as u64;
         let stage_name = run
             .spec
             .stages
