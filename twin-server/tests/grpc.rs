@@ -14,6 +14,7 @@ use tonic::{Code, Status, Streaming};
 use tonic_types::StatusExt;
 use twin_proto::v1 as pb;
 use twin_proto::v1::device_sync_client::DeviceSyncClient;
+use twin_proto::v1::telemetry_client::TelemetryClient;
 use twin_proto::v1::twins_client::TwinsClient;
 use twin_server::serve::{Listeners, ServeConfig, ServeError, serve_listeners};
 
@@ -1282,7 +1283,7 @@ async fn health_and_reflection_answer_for_the_twin_services() {
     let data = tempfile::tempdir().expect("tempdir");
     let server = Server::start(data.path()).await;
     let mut health = HealthClient::new(server.channel().await);
-    for service in ["twin.v1.Twins", "twin.v1.DeviceSync"] {
+    for service in ["twin.v1.Twins", "twin.v1.DeviceSync", "twin.v1.Telemetry"] {
         let status = health
             .check(tonic_health::pb::HealthCheckRequest {
                 service: service.to_owned(),
@@ -1312,4 +1313,275 @@ async fn health_and_reflection_answer_for_the_twin_services() {
         assert!(names.iter().any(|name| name == wanted), "{wanted} in {names:?}");
     }
     server.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Telemetry
+
+/// A batch of one sensor with `rows` timestamps and `channels` channels of finite values.
+fn telemetry_batch(device_id: &str, sequence: u64, rows: usize, channels: usize) -> pb::TelemetryBatch {
+    let offsets: Vec<u64> = (0..rows as u64).map(|row| row * 1_000_000).collect();
+    pb::TelemetryBatch {
+        stamp: Some(pb::BatchStamp {
+            device_id: device_id.to_owned(),
+            sequence,
+            ..pb::BatchStamp::default()
+        }),
+        sensors: vec![pb::SensorSeries {
+            sensor: "vibration".to_owned(),
+            start_unix_nanos: 1_700_000_000_000_000_000,
+            offsets_nanos: offsets,
+            channels: (0..channels)
+                .map(|channel| pb::ChannelValues {
+                    channel: format!("c{channel}"),
+                    values: (0..rows).map(|row| row as f64 * 0.5).collect(),
+                })
+                .collect(),
+        }],
+    }
+}
+
+async fn metric(server: &Server, name: &str) -> String {
+    let response = http_get(server.metrics, "/metrics").await;
+    response
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("{name} in {response}"))
+        .to_owned()
+}
+
+#[tokio::test]
+async fn telemetry_ingest_counts_exact_samples_and_describes_rejected_batches() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(data.path()).await;
+    let mut twins = server.twins().await;
+    for id in ["gw-dev-1", "gw-dev-2"] {
+        twins.create_twin(create(id, "", "", "")).await.expect("create");
+    }
+    let mut telemetry = TelemetryClient::new(server.channel().await);
+
+    // 0: 100 x 3 = 300, 1: 50 x 1 = 50, 2: unknown device, 3: a short channel,
+    // 4: a NaN, 5: no stamp, 6: 10 x 2 = 20.
+    let mut short = telemetry_batch("gw-dev-1", 3, 4, 2);
+    short.sensors[0].channels[1].values.pop();
+    let mut not_a_number = telemetry_batch("gw-dev-2", 2, 4, 1);
+    not_a_number.sensors[0].channels[0].values[2] = f64::NAN;
+    let mut unstamped = telemetry_batch("gw-dev-1", 4, 1, 1);
+    unstamped.stamp = None;
+    let batches = vec![
+        telemetry_batch("gw-dev-1", 1, 100, 3),
+        telemetry_batch("gw-dev-2", 1, 50, 1),
+        telemetry_batch("nobody", 1, 5, 1),
+        short,
+        not_a_number,
+        unstamped,
+        telemetry_batch("gw-dev-1", 2, 10, 2),
+    ];
+    let summary = telemetry
+        .ingest(tokio_stream::iter(batches))
+        .await
+        .expect("ingest")
+        .into_inner();
+    assert_eq!(summary.batches_accepted, 3);
+    assert_eq!(summary.samples_accepted, 370);
+    assert_eq!(summary.batches_rejected, 4);
+    let described: Vec<(u64, &str, i32)> = summary
+        .rejected
+        .iter()
+        .map(|rejected| (rejected.index, rejected.device_id.as_str(), rejected.code))
+        .collect();
+    assert_eq!(
+        described,
+        vec![
+            (2, "nobody", Code::NotFound as i32),
+            (3, "gw-dev-1", Code::InvalidArgument as i32),
+            (4, "gw-dev-2", Code::InvalidArgument as i32),
+            (5, "", Code::InvalidArgument as i32),
+        ]
+    );
+    let message = |index: usize| summary.rejected[index].message.as_str();
+    assert!(message(0).contains("nobody"), "{}", message(0));
+    assert!(
+        message(1).starts_with("batches[3].sensors[0].channels[1].values:"),
+        "{}",
+        message(1)
+    );
+    assert!(
+        message(2).starts_with("batches[4].sensors[0].channels[0].values:"),
+        "{}",
+        message(2)
+    );
+    assert!(message(3).starts_with("batches[5].stamp:"), "{}", message(3));
+
+    assert_eq!(metric(&server, "twin_telemetry_samples_total").await, "370");
+    assert_eq!(metric(&server, "twin_telemetry_batches_total").await, "3");
+    assert_eq!(metric(&server, "twin_telemetry_rejected_total").await, "4");
+    assert_eq!(metric(&server, "twin_telemetry_devices").await, "2");
+    // Ingest changes no twin: no revision was taken.
+    assert_eq!(metric(&server, "twin_revision").await, "2");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn telemetry_ingest_batch_answers_one_batch_or_fails_with_the_field_path() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(data.path()).await;
+    let mut twins = server.twins().await;
+    twins.create_twin(create("gw-dev-1", "", "", "")).await.expect("create");
+    let mut telemetry = TelemetryClient::new(server.channel().await);
+
+    let summary = telemetry
+        .ingest_batch(telemetry_batch("gw-dev-1", 1, 7, 3))
+        .await
+        .expect("ingest batch")
+        .into_inner();
+    assert_eq!(
+        (
+            summary.batches_accepted,
+            summary.samples_accepted,
+            summary.batches_rejected
+        ),
+        (1, 21, 0)
+    );
+
+    let mut short = telemetry_batch("gw-dev-1", 2, 4, 2);
+    short.sensors[0].channels[1].values.pop();
+    let refused = telemetry.ingest_batch(short).await.expect_err("short channel");
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    let violation = refused
+        .get_details_bad_request()
+        .and_then(|details| details.field_violations.into_iter().next())
+        .expect("a field violation");
+    assert_eq!(violation.field, "sensors[0].channels[1].values");
+
+    let mut infinite = telemetry_batch("gw-dev-1", 3, 2, 1);
+    infinite.sensors[0].channels[0].values[1] = f64::INFINITY;
+    let refused = telemetry.ingest_batch(infinite).await.expect_err("infinity");
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(
+        refused.message().starts_with("sensors[0].channels[0].values:"),
+        "{}",
+        refused.message()
+    );
+
+    let mut decreasing = telemetry_batch("gw-dev-1", 4, 3, 1);
+    decreasing.sensors[0].offsets_nanos[2] = 0;
+    let refused = telemetry
+        .ingest_batch(decreasing)
+        .await
+        .expect_err("decreasing offsets");
+    assert!(
+        refused.message().starts_with("sensors[0].offsets_nanos:"),
+        "{}",
+        refused.message()
+    );
+
+    let refused = telemetry
+        .ingest_batch(telemetry_batch("bad id!", 1, 1, 1))
+        .await
+        .expect_err("bad id");
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(
+        refused.message().starts_with("stamp.device_id:"),
+        "{}",
+        refused.message()
+    );
+
+    let refused = telemetry
+        .ingest_batch(telemetry_batch("gw-dev-9", 1, 1, 1))
+        .await
+        .expect_err("unknown device");
+    assert_eq!(refused.code(), Code::NotFound);
+
+    assert_eq!(metric(&server, "twin_telemetry_samples_total").await, "21");
+    assert_eq!(metric(&server, "twin_telemetry_rejected_total").await, "5");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn telemetry_needs_an_operator_token() {
+    use twin_server::serve::auth::{AuthConfig, DeviceToken};
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = Server::start_with(data.path(), |config| {
+        config.auth = AuthConfig {
+            operator_tokens: vec!["op-secret".to_owned()],
+            devices: vec![DeviceToken {
+                device_id: "cam-1".to_owned(),
+                token: "cam-1-secret".to_owned(),
+            }],
+        };
+    })
+    .await;
+    let mut twins = server.twins().await;
+    twins
+        .create_twin(with_token(create("cam-1", "", "", ""), "op-secret"))
+        .await
+        .expect("operator creates");
+    let mut telemetry = TelemetryClient::new(server.channel().await);
+
+    let anonymous = telemetry
+        .ingest_batch(telemetry_batch("cam-1", 1, 1, 1))
+        .await
+        .expect_err("no token");
+    assert_eq!(anonymous.code(), Code::Unauthenticated);
+    let anonymous_stream = telemetry
+        .ingest(tokio_stream::iter([telemetry_batch("cam-1", 1, 1, 1)]))
+        .await
+        .expect_err("no token on the stream");
+    assert_eq!(anonymous_stream.code(), Code::Unauthenticated);
+    let device = telemetry
+        .ingest_batch(with_token(telemetry_batch("cam-1", 1, 1, 1), "cam-1-secret"))
+        .await
+        .expect_err("a device token, even for its own device");
+    assert_eq!(device.code(), Code::PermissionDenied);
+
+    let summary = telemetry
+        .ingest_batch(with_token(telemetry_batch("cam-1", 1, 4, 2), "op-secret"))
+        .await
+        .expect("operator")
+        .into_inner();
+    assert_eq!(summary.samples_accepted, 8);
+    let summary = telemetry
+        .ingest(with_token(
+            tokio_stream::iter([telemetry_batch("cam-1", 2, 4, 2), telemetry_batch("cam-1", 3, 1, 1)]),
+            "op-secret",
+        ))
+        .await
+        .expect("operator stream")
+        .into_inner();
+    assert_eq!((summary.batches_accepted, summary.samples_accepted), (2, 9));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_open_ingest_stream_ends_unavailable_at_shutdown_without_holding_the_server() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = Server::start_with(data.path(), |config| config.shutdown_grace_ms = 60_000).await;
+    let mut twins = server.twins().await;
+    twins.create_twin(create("gw-dev-1", "", "", "")).await.expect("create");
+    let mut telemetry = TelemetryClient::new(server.channel().await);
+    let (outbox, receiver) = mpsc::channel(1);
+    outbox
+        .send(telemetry_batch("gw-dev-1", 1, 10, 1))
+        .await
+        .expect("queue a batch");
+    let call = tokio::spawn(async move { telemetry.ingest(ReceiverStream::new(receiver)).await });
+    // The batch is counted once the handler has read it; the stream stays open (outbox kept).
+    let counted = async {
+        while metric(&server, "twin_telemetry_batches_total").await != "1" {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, counted)
+        .await
+        .expect("the batch is counted");
+    // The grace period is a minute: the server stops in time only if the stream ends on shutdown.
+    server.stop().await;
+    let ended = tokio::time::timeout(PATIENCE, call)
+        .await
+        .expect("the call ends")
+        .expect("call task")
+        .expect_err("no summary for a stream cut by shutdown");
+    assert_eq!(ended.code(), Code::Unavailable);
+    drop(outbox);
 }

@@ -1,8 +1,8 @@
 //! Bearer-token authentication with two roles, as tonic interceptors.
 //!
-//! - operator: every `Twins` call and any device's `DeviceSync` stream;
+//! - operator: every `Twins` and `Telemetry` call and any device's `DeviceSync` stream;
 //! - device: only the `DeviceSync` stream of its own device (its reported state, acks,
-//!   telemetry); `Twins` calls are PERMISSION_DENIED.
+//!   telemetry); `Twins` and `Telemetry` calls are PERMISSION_DENIED.
 //!
 //! With no token configured, authentication is off and every call is allowed (the server binds
 //! 127.0.0.1 by default). With tokens, a call without `authorization: Bearer <token>` or with an

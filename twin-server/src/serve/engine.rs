@@ -25,6 +25,7 @@ use twin_proto::v1 as pb;
 use super::convert::{self, json_text, key_reconciliation, model_json, timestamp, twin_status, unix_nanos_i64};
 use super::history::{ChangeRecord, History};
 use super::snapshot::{ConnectionState, PublishedTwin, SharedSnapshot, Snapshot};
+use super::telemetry_service::TelemetryLedger;
 use crate::store::{PendingWrite, Revisions, Store, StoreError, WriteBatch};
 use crate::twins::{DesiredAck, NewTwin, Reconciliation, SectionPatch, Timestamp, Twin, TwinError, Twins};
 
@@ -177,10 +178,12 @@ pub struct Counters {
     pub connected_devices: AtomicU64,
     /// Desired deltas queued to device streams.
     pub deltas_sent: AtomicU64,
-    /// Telemetry batches accepted on DeviceSync streams.
+    /// Telemetry batches accepted on DeviceSync streams and by the Telemetry service.
     pub telemetry_batches: AtomicU64,
-    /// Telemetry samples accepted on DeviceSync streams.
+    /// Telemetry samples accepted on DeviceSync streams and by the Telemetry service.
     pub telemetry_samples: AtomicU64,
+    /// Telemetry batches the Telemetry service rejected.
+    pub telemetry_rejected: AtomicU64,
     /// Inference reports received (counted only: the live check is not implemented yet).
     pub inference_reports: AtomicU64,
 }
@@ -194,6 +197,9 @@ pub struct Shared {
     pub history: History,
     /// Counters.
     pub counters: Counters,
+    /// Telemetry per device, counted by the Telemetry service (not by the engine: ingest
+    /// changes no twin).
+    pub telemetry: TelemetryLedger,
 }
 
 /// A cloneable handle to the engine.
@@ -267,6 +273,7 @@ pub fn start(
         snapshot: SharedSnapshot::new(snapshot),
         history,
         counters: Counters::default(),
+        telemetry: TelemetryLedger::default(),
     });
     let (sender, receiver) = mpsc::channel(queue_capacity.max(1));
     let engine = Engine {

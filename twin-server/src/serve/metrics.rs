@@ -147,7 +147,7 @@ pub fn render(sources: &Sources) -> String {
     let lag_seconds = oldest_pending.map_or(0.0, |since| now.saturating_sub(since) as f64 / 1e9);
     let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
     let seconds = |micros: u64| micros as f64 / 1e6;
-    let rows: [(&str, &str, &str, String); 18] = [
+    let rows: [(&str, &str, &str, String); 20] = [
         ("twin_twins", "gauge", "Live twins.", twins.to_string()),
         (
             "twin_revision",
@@ -224,14 +224,26 @@ pub fn render(sources: &Sources) -> String {
         (
             "twin_telemetry_batches_total",
             "counter",
-            "Telemetry batches accepted on DeviceSync streams.",
+            "Telemetry batches accepted on DeviceSync streams and by the Telemetry service.",
             load(&counters.telemetry_batches).to_string(),
         ),
         (
             "twin_telemetry_samples_total",
             "counter",
-            "Telemetry samples accepted on DeviceSync streams.",
+            "Telemetry samples accepted on DeviceSync streams and by the Telemetry service.",
             load(&counters.telemetry_samples).to_string(),
+        ),
+        (
+            "twin_telemetry_rejected_total",
+            "counter",
+            "Telemetry batches the Telemetry service rejected (bad arrays, unknown device).",
+            load(&counters.telemetry_rejected).to_string(),
+        ),
+        (
+            "twin_telemetry_devices",
+            "gauge",
+            "Devices that have sent telemetry through the Telemetry service.",
+            sources.shared.telemetry.device_count().to_string(),
         ),
         (
             "twin_inference_reports_total",

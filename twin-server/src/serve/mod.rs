@@ -3,6 +3,7 @@
 //! - [`engine`]: one thread owns the twins; commands in over a bounded channel, replies after
 //!   the durable commit; publishes the snapshot, the change history and device deltas.
 //! - [`twins_service`] and [`sync_service`]: the `Twins` and `DeviceSync` gRPC services.
+//! - [`telemetry_service`]: the `Telemetry` gRPC service (batched ingest, off the engine).
 //! - [`convert`]: protobuf <-> domain, and domain errors -> gRPC status codes.
 //! - [`config`]: the settings, their defaults and the TOML file.
 //!
@@ -20,6 +21,7 @@ pub mod history;
 pub mod metrics;
 pub mod snapshot;
 pub mod sync_service;
+pub mod telemetry_service;
 pub mod twins_service;
 
 use std::future::Future;
@@ -31,12 +33,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::server::TcpIncoming;
 use twin_proto::v1::device_sync_server::DeviceSyncServer;
+use twin_proto::v1::telemetry_server::TelemetryServer;
 use twin_proto::v1::twins_server::TwinsServer;
 
 pub use config::ServeConfig;
 use engine::{Command, Shared};
 use history::History;
 use sync_service::SyncService;
+use telemetry_service::TelemetryService;
 use twins_service::TwinsService;
 
 use crate::store::{Store, StoreError};
@@ -174,6 +178,7 @@ async fn run_grpc(
         token.clone(),
         tasks.clone(),
     );
+    let telemetry = TelemetryService::new(Arc::clone(shared), config.limits, token.clone());
     let sync = SyncService::new(
         engine,
         Arc::clone(shared),
@@ -185,6 +190,7 @@ async fn run_grpc(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<TwinsServer<TwinsService>>().await;
     health.set_serving::<DeviceSyncServer<SyncService>>().await;
+    health.set_serving::<TelemetryServer<TelemetryService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(twin_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -207,6 +213,7 @@ async fn run_grpc(
         stop.cancel();
         health.set_not_serving::<TwinsServer<TwinsService>>().await;
         health.set_not_serving::<DeviceSyncServer<SyncService>>().await;
+        health.set_not_serving::<TelemetryServer<TelemetryService>>().await;
     };
     let authenticator = auth::Authenticator::new(&config.auth);
     if !authenticator.enabled() {
@@ -218,6 +225,10 @@ async fn run_grpc(
         .add_service(reflection)
         .add_service(TwinsServer::with_interceptor(twins, authenticator.operator_only()))
         .add_service(DeviceSyncServer::with_interceptor(sync, authenticator.any_role()))
+        .add_service(TelemetryServer::with_interceptor(
+            telemetry,
+            authenticator.operator_only(),
+        ))
         .serve_with_incoming_shutdown(incoming, signal);
     // The transport's graceful shutdown waits for every connection to close; a client that
     // never answers the GOAWAY would hold the server forever, so the wait is bounded.

@@ -1,0 +1,358 @@
+//! The `Telemetry` service: checks and counts columnar telemetry batches from gateways, off the
+//! engine thread.
+//!
+//! Ingest changes no twin state (no version, no revision, nothing to commit), so batches never
+//! go through the engine's command queue: a handler checks each batch against the published
+//! snapshot (is the device a live twin?) and the proto's array rules, then counts it in the
+//! shared atomic counters and in the per-device [`TelemetryLedger`]. A client stream is read one
+//! batch at a time, so a saturated server stops reading and HTTP/2 flow control holds the sender
+//! back; nothing is buffered beyond the batch being checked.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use twin_proto::v1 as pb;
+use twin_proto::v1::telemetry_server::Telemetry;
+
+use super::convert::twin_status;
+use super::engine::Shared;
+use crate::twins::{Limits, TwinError};
+
+/// At most this many rejections are described in an `IngestSummary` (the proto's "first
+/// rejections (at most 100)"); later ones are only counted.
+pub const MAX_DESCRIBED_REJECTIONS: usize = 100;
+
+/// What one device has sent through the Telemetry service since the server started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceTelemetry {
+    /// Batches accepted.
+    pub batches: u64,
+    /// Samples accepted (timestamps times channels).
+    pub samples: u64,
+    /// The highest batch sequence accepted.
+    pub last_sequence: u64,
+    /// Batches whose sequence was not above `last_sequence` (duplicates or reordered).
+    pub out_of_order: u64,
+}
+
+/// Per-device telemetry counts. Only live twins are recorded, so the map holds at most one entry
+/// per twin the server has known; one short lock per accepted batch.
+#[derive(Debug, Default)]
+pub struct TelemetryLedger {
+    devices: Mutex<HashMap<String, DeviceTelemetry>>,
+}
+
+impl TelemetryLedger {
+    /// Records one accepted batch of `samples` samples from `device_id`.
+    pub fn record(&self, device_id: &str, sequence: u64, samples: u64) {
+        let mut devices = self.devices.lock().unwrap_or_else(PoisonError::into_inner);
+        let entry = match devices.get_mut(device_id) {
+            Some(entry) => entry,
+            None => devices.entry(device_id.to_owned()).or_default(),
+        };
+        entry.batches = entry.batches.saturating_add(1);
+        entry.samples = entry.samples.saturating_add(samples);
+        if sequence > entry.last_sequence {
+            entry.last_sequence = sequence;
+        } else {
+            entry.out_of_order = entry.out_of_order.saturating_add(1);
+        }
+    }
+
+    /// What `device_id` has sent, if it sent anything.
+    pub fn device(&self, device_id: &str) -> Option<DeviceTelemetry> {
+        let devices = self.devices.lock().unwrap_or_else(PoisonError::into_inner);
+        devices.get(device_id).copied()
+    }
+
+    /// How many devices have sent telemetry.
+    pub fn device_count(&self) -> usize {
+        self.devices.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+}
+
+/// Where a batch sits in its request, for field paths: the unary request is the batch itself,
+/// a stream's batch is `batches[index]`.
+#[derive(Debug, Clone, Copy)]
+pub enum BatchPath {
+    /// The request of `IngestBatch`.
+    Unary,
+    /// Batch `index` (from 0) of an `Ingest` stream.
+    Stream(u64),
+}
+
+impl BatchPath {
+    fn field(self, rest: &str) -> String {
+        match self {
+            BatchPath::Unary => rest.to_owned(),
+            BatchPath::Stream(index) => format!("batches[{index}].{rest}"),
+        }
+    }
+}
+
+/// Checks one batch and returns its sample count: timestamps times channels, summed over
+/// sensors.
+///
+/// # Errors
+/// `InvalidArgument` with the field path (under `path`) for a missing stamp, a bad device id,
+/// decreasing offsets, a channel whose values are not as many as the offsets, or a NaN or
+/// infinite value; `NotFound` when the device is not a live twin (`is_live` says).
+pub fn check_batch(
+    batch: &pb::TelemetryBatch,
+    path: BatchPath,
+    limits: &Limits,
+    is_live: impl FnOnce(&str) -> bool,
+) -> Result<u64, TwinError> {
+    let Some(stamp) = &batch.stamp else {
+        return Err(TwinError::invalid(
+            path.field("stamp"),
+            "missing: every batch names its device",
+        ));
+    };
+    limits.check_id(&path.field("stamp.device_id"), &stamp.device_id)?;
+    if !is_live(&stamp.device_id) {
+        return Err(TwinError::NotFound {
+            twin_id: stamp.device_id.clone(),
+        });
+    }
+    let mut samples: u64 = 0;
+    for (sensor_index, series) in batch.sensors.iter().enumerate() {
+        let offsets = &series.offsets_nanos;
+        for (position, pair) in offsets.windows(2).enumerate() {
+            if let [earlier, later] = pair
+                && later < earlier
+            {
+                return Err(TwinError::invalid(
+                    path.field(&format!("sensors[{sensor_index}].offsets_nanos")),
+                    format!(
+                        "offsets must not decrease: [{}] = {later} after [{position}] = {earlier}",
+                        position + 1
+                    ),
+                ));
+            }
+        }
+        for (channel_index, channel) in series.channels.iter().enumerate() {
+            let values_field = || format!("sensors[{sensor_index}].channels[{channel_index}].values");
+            if channel.values.len() != offsets.len() {
+                return Err(TwinError::invalid(
+                    path.field(&values_field()),
+                    format!(
+                        "has {} values for {} offsets_nanos: each channel needs one value per timestamp",
+                        channel.values.len(),
+                        offsets.len()
+                    ),
+                ));
+            }
+            if let Some(position) = channel.values.iter().position(|value| !value.is_finite()) {
+                let value = channel.values.get(position).copied().unwrap_or(f64::NAN);
+                return Err(TwinError::invalid(
+                    path.field(&values_field()),
+                    format!("[{position}] is {value}: NaN and infinities are rejected"),
+                ));
+            }
+        }
+        let rows = offsets.len() as u64;
+        samples = samples.saturating_add(rows.saturating_mul(series.channels.len() as u64));
+    }
+    Ok(samples)
+}
+
+/// The Telemetry service.
+#[derive(Debug, Clone)]
+pub struct TelemetryService {
+    shared: Arc<Shared>,
+    limits: Limits,
+    shutdown: CancellationToken,
+}
+
+impl TelemetryService {
+    /// The service over the engine's published state (its snapshot for the live twins, its
+    /// counters and telemetry ledger to count into); streams end with UNAVAILABLE when
+    /// `shutdown` is cancelled.
+    pub fn new(shared: Arc<Shared>, limits: Limits, shutdown: CancellationToken) -> Self {
+        TelemetryService {
+            shared,
+            limits,
+            shutdown,
+        }
+    }
+
+    /// Checks and counts one batch; returns its samples.
+    fn accept(&self, batch: &pb::TelemetryBatch, path: BatchPath) -> Result<u64, TwinError> {
+        let snapshot = &self.shared.snapshot;
+        let samples = check_batch(batch, path, &self.limits, |device_id| {
+            snapshot.read().twins.contains_key(device_id)
+        })?;
+        let (device_id, sequence) = batch
+            .stamp
+            .as_ref()
+            .map_or(("", 0), |stamp| (stamp.device_id.as_str(), stamp.sequence));
+        self.shared.telemetry.record(device_id, sequence, samples);
+        let counters = &self.shared.counters;
+        counters.telemetry_batches.fetch_add(1, Ordering::Relaxed);
+        counters.telemetry_samples.fetch_add(samples, Ordering::Relaxed);
+        Ok(samples)
+    }
+
+    fn count_rejection(&self) {
+        self.shared.counters.telemetry_rejected.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[tonic::async_trait]
+impl Telemetry for TelemetryService {
+    async fn ingest(
+        &self,
+        request: Request<Streaming<pb::TelemetryBatch>>,
+    ) -> Result<Response<pb::IngestSummary>, Status> {
+        let mut inbound = request.into_inner();
+        let mut summary = pb::IngestSummary::default();
+        let mut index: u64 = 0;
+        loop {
+            let message = tokio::select! {
+                message = inbound.message() => message?,
+                () = self.shutdown.cancelled() => return Err(Status::unavailable("the server is shutting down")),
+            };
+            let Some(batch) = message else {
+                break;
+            };
+            match self.accept(&batch, BatchPath::Stream(index)) {
+                Ok(samples) => {
+                    summary.batches_accepted += 1;
+                    summary.samples_accepted = summary.samples_accepted.saturating_add(samples);
+                }
+                Err(error) => {
+                    self.count_rejection();
+                    summary.batches_rejected += 1;
+                    if summary.rejected.len() < MAX_DESCRIBED_REJECTIONS {
+                        let (device_id, sequence) = batch
+                            .stamp
+                            .map_or((String::new(), 0), |stamp| (stamp.device_id, stamp.sequence));
+                        let status = twin_status(&error);
+                        tracing::debug!(index, device_id = %device_id, %error, "telemetry batch rejected");
+                        summary.rejected.push(pb::RejectedBatch {
+                            index,
+                            device_id,
+                            sequence,
+                            code: status.code() as i32,
+                            message: status.message().to_owned(),
+                        });
+                    }
+                }
+            }
+            index += 1;
+        }
+        Ok(Response::new(summary))
+    }
+
+    async fn ingest_batch(&self, request: Request<pb::TelemetryBatch>) -> Result<Response<pb::IngestSummary>, Status> {
+        let batch = request.into_inner();
+        match self.accept(&batch, BatchPath::Unary) {
+            Ok(samples) => Ok(Response::new(pb::IngestSummary {
+                batches_accepted: 1,
+                samples_accepted: samples,
+                batches_rejected: 0,
+                rejected: Vec::new(),
+            })),
+            Err(error) => {
+                self.count_rejection();
+                Err(twin_status(&error))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(device_id: &str, offsets: Vec<u64>, channels: Vec<Vec<f64>>) -> pb::TelemetryBatch {
+        pb::TelemetryBatch {
+            stamp: Some(pb::BatchStamp {
+                device_id: device_id.to_owned(),
+                sequence: 1,
+                ..pb::BatchStamp::default()
+            }),
+            sensors: vec![pb::SensorSeries {
+                sensor: "vibration".to_owned(),
+                start_unix_nanos: 0,
+                offsets_nanos: offsets,
+                channels: channels
+                    .into_iter()
+                    .map(|values| pb::ChannelValues {
+                        channel: String::new(),
+                        values,
+                    })
+                    .collect(),
+            }],
+        }
+    }
+
+    fn field_of(result: Result<u64, TwinError>) -> String {
+        match result {
+            Err(error) => error.field().unwrap_or("<none>").to_owned(),
+            Ok(samples) => panic!("accepted with {samples} samples"),
+        }
+    }
+
+    #[test]
+    fn samples_are_timestamps_times_channels() {
+        let limits = Limits::default();
+        let good = batch("d1", vec![0, 1, 1, 5], vec![vec![1.0; 4], vec![2.0; 4], vec![3.0; 4]]);
+        let samples = check_batch(&good, BatchPath::Unary, &limits, |_| true).expect("accepted");
+        assert_eq!(samples, 12);
+    }
+
+    #[test]
+    fn bad_batches_name_their_field_under_the_stream_index() {
+        let limits = Limits::default();
+        let short = batch("d1", vec![0, 1], vec![vec![1.0, 2.0], vec![1.0]]);
+        assert_eq!(
+            field_of(check_batch(&short, BatchPath::Stream(3), &limits, |_| true)),
+            "batches[3].sensors[0].channels[1].values"
+        );
+        let not_finite = batch("d1", vec![0, 1], vec![vec![1.0, f64::INFINITY]]);
+        assert_eq!(
+            field_of(check_batch(&not_finite, BatchPath::Unary, &limits, |_| true)),
+            "sensors[0].channels[0].values"
+        );
+        let decreasing = batch("d1", vec![5, 1], vec![]);
+        assert_eq!(
+            field_of(check_batch(&decreasing, BatchPath::Unary, &limits, |_| true)),
+            "sensors[0].offsets_nanos"
+        );
+        let bad_id = batch("no spaces", vec![], vec![]);
+        assert_eq!(
+            field_of(check_batch(&bad_id, BatchPath::Unary, &limits, |_| true)),
+            "stamp.device_id"
+        );
+        let unknown = batch("d2", vec![], vec![]);
+        assert!(matches!(
+            check_batch(&unknown, BatchPath::Unary, &limits, |_| false),
+            Err(TwinError::NotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn the_ledger_counts_per_device_and_notices_repeated_sequences() {
+        let ledger = TelemetryLedger::default();
+        ledger.record("d1", 1, 10);
+        ledger.record("d1", 2, 5);
+        ledger.record("d1", 2, 5);
+        ledger.record("d2", 1, 1);
+        assert_eq!(
+            ledger.device("d1"),
+            Some(DeviceTelemetry {
+                batches: 3,
+                samples: 20,
+                last_sequence: 2,
+                out_of_order: 1
+            })
+        );
+        assert_eq!(ledger.device_count(), 2);
+        assert_eq!(ledger.device("d3"), None);
+    }
+}
