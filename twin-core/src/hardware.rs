@@ -61,8 +61,8 @@ const M7_DENSE: f64 = 1.83e6 / 0.264e6;
 const M7_CONV: f64 = 54.9e6 / 12.5e6;
 const M7_DEPTHWISE: f64 = 16.4e6 / 2.7e6;
 /// tract on this project's x86 host, vibration-anomaly v2 at batch 256 (BENCHMARKS.md,
-/// `model-bench`): 0.27 us per row for 280 multiply-accumulates.
-const X86_DENSE: f64 = 270.0 / 280.0;
+/// `model-bench`, 2026-11-27 run 2): 0.178 us per row for 280 multiply-accumulates.
+const X86_DENSE: f64 = 178.0 / 280.0;
 
 /// Every profile, by name.
 pub const PROFILES: [Profile; 6] = [
@@ -182,7 +182,7 @@ pub const PROFILES: [Profile; 6] = [
         factors: [
             Factor {
                 ns_per_mac: X86_DENSE,
-                source: "tract on this project's x86 host: vibration-anomaly v2, 0.27 us per row at batch 256 (BENCHMARKS.md)",
+                source: "tract on this project's x86 host: vibration-anomaly v2, 0.178 us per row at batch 256 (BENCHMARKS.md, model-bench)",
             },
             Factor {
                 ns_per_mac: X86_DENSE,
