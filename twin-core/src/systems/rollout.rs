@@ -221,23 +221,33 @@ impl Observed {
         )
     }
 
+    /// The rate conditions of a gate: `(measured, limit, above, name)`.
+    fn rates(&self, gate: &Gate) -> [(Option<f64>, Option<f64>, bool, &'static str); 4] {
+        [
+            (self.alarm_rate, gate.alarm_rate_above, true, "alarm_rate"),
+            (self.alarm_rate, gate.alarm_rate_below, false, "alarm_rate"),
+            (self.agreement, gate.agreement_above, true, "agreement"),
+            (self.agreement, gate.agreement_below, false, "agreement"),
+        ]
+    }
+
+    /// Whether the gate's deadline condition is exceeded.
+    fn too_many_misses(&self, gate: &Gate) -> Option<u64> {
+        gate.deadline_misses_above.filter(|&limit| self.deadline_misses > limit)
+    }
+
     /// The abort conditions that trip (a condition on a value not yet measured does not).
     fn tripped(&self, gate: &Gate) -> Vec<String> {
-        let mut out = Vec::new();
-        let mut check = |value: Option<f64>, limit: Option<f64>, above: bool, name: &str| {
-            if let (Some(v), Some(l)) = (value, limit)
-                && (if above { v > l } else { v < l })
-            {
-                out.push(format!("{name} {v:.4} {} {l}", if above { ">" } else { "<" }));
-            }
-        };
-        check(self.alarm_rate, gate.alarm_rate_above, true, "alarm_rate");
-        check(self.alarm_rate, gate.alarm_rate_below, false, "alarm_rate");
-        check(self.agreement, gate.agreement_above, true, "agreement");
-        check(self.agreement, gate.agreement_below, false, "agreement");
-        if let Some(limit) = gate.deadline_misses_above
-            && self.deadline_misses > limit
-        {
+        let mut out: Vec<String> = self
+            .rates(gate)
+            .into_iter()
+            .filter_map(|(value, limit, above, name)| {
+                let (v, l) = (value?, limit?);
+                let trips = if above { v > l } else { v < l };
+                trips.then(|| format!("{name} {v:.4} {} {l}", if above { ">" } else { "<" }))
+            })
+            .collect();
+        if let Some(limit) = self.too_many_misses(gate) {
             out.push(format!("deadline misses {} > {limit}", self.deadline_misses));
         }
         out
@@ -245,23 +255,17 @@ impl Observed {
 
     /// The success conditions that do not hold (a value not yet measured does not hold).
     fn unmet(&self, gate: &Gate) -> Vec<String> {
-        let mut out = Vec::new();
-        let mut check = |value: Option<f64>, limit: Option<f64>, above: bool, name: &str| {
-            if let Some(l) = limit {
+        let mut out: Vec<String> = self
+            .rates(gate)
+            .into_iter()
+            .filter_map(|(value, limit, above, name)| {
+                let l = limit?;
                 let holds = value.is_some_and(|v| if above { v > l } else { v < l });
-                if !holds {
-                    let shown = value.map_or("n/a".to_owned(), |v| format!("{v:.4}"));
-                    out.push(format!("{name} {shown} not {} {l}", if above { ">" } else { "<" }));
-                }
-            }
-        };
-        check(self.alarm_rate, gate.alarm_rate_above, true, "alarm_rate");
-        check(self.alarm_rate, gate.alarm_rate_below, false, "alarm_rate");
-        check(self.agreement, gate.agreement_above, true, "agreement");
-        check(self.agreement, gate.agreement_below, false, "agreement");
-        if let Some(limit) = gate.deadline_misses_above
-            && self.deadline_misses > limit
-        {
+                let shown = value.map_or("n/a".to_owned(), |v| format!("{v:.4}"));
+                (!holds).then(|| format!("{name} {shown} not {} {l}", if above { ">" } else { "<" }))
+            })
+            .collect();
+        if let Some(limit) = self.too_many_misses(gate) {
             out.push(format!("deadline misses {} not <= {limit}", self.deadline_misses));
         }
         out
