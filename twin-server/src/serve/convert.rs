@@ -244,6 +244,18 @@ pub fn model_json(model: &pb::ModelRef) -> Value {
     Value::Object(object)
 }
 
+/// A twin's live inference check as the protobuf InferenceCheck.
+pub fn inference_check(check: &twins::InferenceCheck) -> pb::InferenceCheck {
+    pb::InferenceCheck {
+        checked: check.checked,
+        agreed: check.agreed,
+        diverged: check.diverged,
+        inference_divergence: check.inference_divergence(),
+        max_abs_error: check.max_abs_error,
+        last_divergence_at: check.last_divergence_at.map(timestamp),
+    }
+}
+
 /// A published twin as the protobuf Twin, in the BASIC or FULL view.
 pub fn twin_message(published: &PublishedTwin, full: bool) -> pb::Twin {
     let twin = &published.twin;
@@ -255,7 +267,7 @@ pub fn twin_message(published: &PublishedTwin, full: bool) -> pb::Twin {
         revision: published.revision,
         reconciliation_state: reconciliation_state(twin.reconciliation_state()) as i32,
         reported_model: reported_model(twin.reported()),
-        inference: Some(pb::InferenceCheck::default()),
+        inference: Some(inference_check(twin.inference())),
         connection: Some(pb::Connection {
             connected: connection.connected,
             since: connection.since.map(timestamp),

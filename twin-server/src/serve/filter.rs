@@ -126,8 +126,9 @@ impl Filter {
         {
             return false;
         }
-        // The live inference check is not implemented yet: no twin is ever marked divergent.
-        if self.inference_divergence == Some(true) {
+        if let Some(divergent) = self.inference_divergence
+            && twin.inference().inference_divergence() != divergent
+        {
             return false;
         }
         if let Some(connected) = self.connected

@@ -9,6 +9,7 @@ use serde_json::{Map, Value};
 
 use super::delta::{delta, json_equal, value_delta};
 use super::error::{LimitKind, TwinError};
+use super::inference::{CheckOutcome, InferenceCheck, ModelKey};
 use super::limits::{Limits, Section, child_path};
 use super::metadata::{MetadataNode, Stamp, TwinMetadata};
 use super::patch::{SectionPatch, apply};
@@ -34,6 +35,8 @@ pub struct Twin {
     metadata: TwinMetadata,
     acknowledgements: BTreeMap<String, Acknowledgement>,
     reconciliation: BTreeMap<String, Reconciliation>,
+    #[serde(default, skip_serializing_if = "InferenceCheck::is_empty")]
+    inference: InferenceCheck,
 }
 
 /// The result of an accepted desired, reported or tags update.
@@ -90,6 +93,7 @@ impl Twin {
             },
             acknowledgements: BTreeMap::new(),
             reconciliation: BTreeMap::new(),
+            inference: InferenceCheck::default(),
         }
     }
 
@@ -198,6 +202,18 @@ impl Twin {
         &self.reconciliation
     }
 
+    /// The live inference check: device outputs compared with the twin's re-runs.
+    pub fn inference(&self) -> &InferenceCheck {
+        &self.inference
+    }
+
+    /// Records inference checks. Not a document change: the version and `updated_at` stay.
+    pub(crate) fn record_inference(&mut self, checks: &[CheckOutcome], now: Timestamp) {
+        for check in checks {
+            self.inference.record(check, now);
+        }
+    }
+
     /// The twin's overall reconciliation: `Failed` if any key failed, else `Pending` if any key is
     /// pending, else `Succeeded` (also with no desired keys).
     pub fn reconciliation_state(&self) -> ReconciliationState {
@@ -295,7 +311,12 @@ impl Twin {
         self.updated_at = stamp.server;
         match section {
             Section::Desired => self.reconcile_desired_change(&previous, &touched, version, stamp.server),
-            Section::Reported => self.reconcile_reported_change(&previous, &touched, stamp.server),
+            Section::Reported => {
+                self.reconcile_reported_change(&previous, &touched, stamp.server);
+                let before = ModelKey::from_reported(&previous);
+                let after = ModelKey::from_reported(&self.reported);
+                self.inference.reported_model_changed(before.as_ref(), after.as_ref());
+            }
             Section::Tags => {}
         }
         let notify = match section {

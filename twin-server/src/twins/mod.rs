@@ -10,6 +10,7 @@
 mod delta;
 mod doc;
 mod error;
+mod inference;
 pub mod limits;
 mod metadata;
 mod patch;
@@ -20,6 +21,7 @@ mod time;
 pub use delta::{delta, json_equal, value_delta};
 pub use doc::{DeviceView, Twin, UpdateOutcome};
 pub use error::{ErrorCode, LimitKind, TwinError};
+pub use inference::{CheckOutcome, InferenceCheck, ModelKey, max_abs_difference};
 pub use limits::{Limits, Section, json_size};
 pub use metadata::{MetadataNode, Stamp, TwinMetadata};
 pub use patch::SectionPatch;
