@@ -803,6 +803,21 @@ async fn a_fork_runs_the_selected_twins_and_leaves_them_untouched() {
         .await
         .expect("report")
         .into_inner();
+    // The same fork of the same snapshot gives the same report.
+    let twice = simulation
+        .start_simulation(start(FORKABLE, groups(&["line-a"])))
+        .await
+        .expect("forked again")
+        .into_inner();
+    watch_to_end(&mut simulation, &twice.simulation_id).await;
+    let second = simulation
+        .get_report(pb::GetReportRequest {
+            simulation_id: twice.simulation_id.clone(),
+        })
+        .await
+        .expect("second report")
+        .into_inner();
+    assert!(second.report_json == report.report_json, "a fork is deterministic");
     let report = json(&report.report_json);
     assert_eq!(report["run"]["devices"], 8, "{}", report["run"]);
     assert_eq!(report["models"]["vibration-anomaly@1"]["devices"], 2);

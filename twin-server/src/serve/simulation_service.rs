@@ -218,12 +218,8 @@ impl SimulationService {
                     format!("twin {:?} has no group, so no scenario group to run in", twin.id()),
                 ));
             };
-            let reported = ModelKey::from_reported(twin.reported());
-            let desired = ModelKey::from_reported(twin.desired());
-            let model = desired.or(reported).and_then(|model| {
-                let version = u32::try_from(model.version).ok().filter(|version| *version > 0)?;
-                (!model.name.is_empty()).then_some((model.name, version))
-            });
+            // The desired model, deployed at t=0 (instantly), wins over the reported one.
+            let model = fork_model(twin.desired()).or_else(|| fork_model(twin.reported()));
             forked
                 .fleet
                 .groups
@@ -243,6 +239,14 @@ impl SimulationService {
         }
         Ok(forked)
     }
+}
+
+/// The model a twin document names under `"model"`, if it names one a simulation can load
+/// (a name and a version from 1).
+fn fork_model(document: &serde_json::Map<String, serde_json::Value>) -> Option<(String, u32)> {
+    let model = ModelKey::from_reported(document)?;
+    let version = u32::try_from(model.version).ok().filter(|version| *version > 0)?;
+    (!model.name.is_empty()).then_some((model.name, version))
 }
 
 /// `relative` inside `dir`, refusing absolute paths, `..` and anything (a symbolic link) that
