@@ -627,6 +627,21 @@ async fn bad_scenarios_and_paths_are_invalid_argument_with_every_problem() {
         assert_eq!(error.code(), Code::InvalidArgument, "{escaping}: {error:?}");
         assert_eq!(field_of(&error), "scenario_path");
     }
+    // Files a scenario names stay inside scenario_dir too.
+    let reaching_out = format!(
+        "{}\n[models]\nregistry = \"../Cargo.toml\"\n",
+        FORKABLE.replace("[models]\nregistry = \"models/manifest.json\"\n", "")
+    );
+    let error = simulation
+        .start_simulation(start(ScenarioToml(reaching_out)))
+        .await
+        .expect_err("registry outside scenario_dir");
+    assert_eq!(error.code(), Code::InvalidArgument);
+    assert!(
+        error.message().contains("leaves the server's scenario_dir"),
+        "{}",
+        error.message()
+    );
     let missing = simulation
         .start_simulation(start(ScenarioPath("no-such.toml".to_owned())))
         .await

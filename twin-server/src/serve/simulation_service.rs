@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 use twin_core::scenario::{ExternalDevice, ExternalFleet};
-use twin_core::{LoadOptions, RunOptions, Scenario, ScenarioError, Simulation};
+use twin_core::{FileSource, LoadOptions, RunOptions, Scenario, ScenarioError, Simulation};
 use twin_proto::v1 as pb;
 use twin_proto::v1::simulation_server;
 
@@ -241,6 +241,46 @@ impl SimulationService {
     }
 }
 
+/// The files a scenario names (replays, the model registry), read relative to its folder but
+/// never outside the server's scenario_dir.
+struct ConfinedFiles {
+    files: ScenarioFiles,
+    folder: PathBuf,
+    root: PathBuf,
+}
+
+impl ConfinedFiles {
+    fn check(&self, path: &str) -> Result<(), String> {
+        let leaves = || format!("cannot read `{path}`: it leaves the server's scenario_dir");
+        if Path::new(path).components().any(|component| {
+            matches!(
+                component,
+                Component::ParentDir | Component::RootDir | Component::Prefix(_)
+            )
+        }) {
+            return Err(leaves());
+        }
+        if let (Ok(root), Ok(resolved)) = (self.root.canonicalize(), self.folder.join(path).canonicalize())
+            && !resolved.starts_with(root)
+        {
+            return Err(leaves());
+        }
+        Ok(())
+    }
+}
+
+impl FileSource for ConfinedFiles {
+    fn read_to_string(&self, path: &str) -> Result<String, String> {
+        self.check(path)?;
+        self.files.read_to_string(path)
+    }
+
+    fn read_bytes(&self, path: &str) -> Result<Vec<u8>, String> {
+        self.check(path)?;
+        self.files.read_bytes(path)
+    }
+}
+
 /// The model a twin document names under `"model"`, if it names one a simulation can load
 /// (a name and a version from 1).
 fn fork_model(document: &serde_json::Map<String, serde_json::Value>) -> Option<(String, u32)> {
@@ -354,11 +394,15 @@ impl simulation_server::Simulation for SimulationService {
             ..LoadOptions::default()
         };
         let fleet = forked.fleet;
-        let loaded = tokio::task::spawn_blocking(move || {
-            Scenario::from_toml_with_fleet(&file, &text, &ScenarioFiles::in_folder(&folder), options, &fleet)
-        })
-        .await
-        .map_err(|error| Status::internal(format!("scenario validation failed: {error}")))?;
+        let files = ConfinedFiles {
+            files: ScenarioFiles::in_folder(&folder),
+            folder,
+            root: self.inner.scenario_dir.clone(),
+        };
+        let loaded =
+            tokio::task::spawn_blocking(move || Scenario::from_toml_with_fleet(&file, &text, &files, options, &fleet))
+                .await
+                .map_err(|error| Status::internal(format!("scenario validation failed: {error}")))?;
         let scenario = loaded.map_err(|error| scenario_status(&error, source_field))?;
 
         let number = self.inner.next.fetch_add(1, Ordering::Relaxed);
