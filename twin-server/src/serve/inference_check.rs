@@ -2,19 +2,21 @@
 //! reported and compares the outputs, off the engine thread and off the async runtime.
 //!
 //! DeviceSync sessions submit checks over a bounded queue (full: the report is refused). One
-//! blocking worker takes every queued check (up to `max_batch`), groups them by model version
-//! and runs each version once, on all of its rows, with [`CompiledModel::run`]; each check's
-//! answer goes back on its own oneshot. Compiled models are loaded from the registry on first
+//! worker takes every queued check (up to `max_batch`) and, on a blocking thread, groups them
+//! by model version and runs each version once, on all of its rows, with
+//! [`CompiledModel::run`]; each check's answer goes back on its own oneshot. Compiled models are loaded from the registry on first
 //! use (sha256 checked against the manifest) and kept.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use twin_core::inference::{CompiledModel, OutputValues};
 use twin_core::models::{ModelVersion, sha256_hex};
 
+use super::config::InferenceConfig;
 use super::models_service::ModelCatalog;
 use crate::twins::{CheckOutcome, ModelKey, max_abs_difference};
 
@@ -70,23 +72,22 @@ impl std::fmt::Debug for Job {
 }
 
 impl InferenceChecker {
-    /// Starts the worker as a tracked blocking task; it stops when every handle is dropped.
+    /// Starts the worker: a tracked task that takes the queued checks and runs each batch on
+    /// a blocking thread; it stops at `shutdown` or when every handle is dropped.
     pub fn start(
         catalog: Arc<ModelCatalog>,
-        tolerance: f64,
-        queue_capacity: usize,
-        max_batch: usize,
+        settings: InferenceConfig,
+        shutdown: CancellationToken,
         tasks: &TaskTracker,
     ) -> Self {
-        let capacity = queue_capacity.max(1);
+        let capacity = settings.queue_capacity.max(1);
         let (jobs, receiver) = mpsc::channel(capacity);
         let worker = Worker {
             catalog,
-            tolerance,
-            max_batch: max_batch.max(1),
+            tolerance: settings.tolerance,
             compiled: HashMap::new(),
         };
-        tasks.spawn_blocking(move || worker.run(receiver));
+        tasks.spawn(run(worker, receiver, settings.max_batch.max(1), shutdown));
         InferenceChecker { jobs, capacity }
     }
 
@@ -148,32 +149,59 @@ pub fn input_width(version: &ModelVersion) -> Option<usize> {
 struct Worker {
     catalog: Arc<ModelCatalog>,
     tolerance: f64,
-    max_batch: usize,
     compiled: HashMap<(String, u64), Arc<CompiledModel>>,
 }
 
-impl Worker {
-    fn run(mut self, mut receiver: mpsc::Receiver<Job>) {
-        while let Some(first) = receiver.blocking_recv() {
-            let mut batch = vec![first];
-            while batch.len() < self.max_batch {
-                match receiver.try_recv() {
-                    Ok(job) => batch.push(job),
-                    Err(_) => break,
-                }
-            }
-            let mut by_version: BTreeMap<(String, u64), Vec<Job>> = BTreeMap::new();
-            for job in batch {
-                by_version
-                    .entry((job.model.name.clone(), job.model.version))
-                    .or_default()
-                    .push(job);
-            }
-            for ((name, version), jobs) in by_version {
-                self.check_version(&name, version, jobs);
+/// Takes every queued check (up to `max_batch`) and checks the batch on a blocking thread, so
+/// tract never runs on the async runtime's threads; checks queued meanwhile wait for the next
+/// batch.
+async fn run(mut worker: Worker, mut receiver: mpsc::Receiver<Job>, max_batch: usize, shutdown: CancellationToken) {
+    loop {
+        let first = tokio::select! {
+            job = receiver.recv() => match job {
+                Some(job) => job,
+                None => break,
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let mut batch = vec![first];
+        while batch.len() < max_batch {
+            match receiver.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
             }
         }
-        tracing::debug!("inference checker stopped");
+        let checked = tokio::task::spawn_blocking(move || {
+            worker.check_batch(batch);
+            worker
+        })
+        .await;
+        match checked {
+            Ok(returned) => worker = returned,
+            Err(error) => {
+                // The batch's callers get `Stopped` (their replies were dropped), and so does
+                // everyone after: the queue closes with this task.
+                tracing::error!(%error, "the inference checker failed");
+                break;
+            }
+        }
+    }
+    tracing::debug!("inference checker stopped");
+}
+
+impl Worker {
+    /// Groups a batch by model version and checks each group with one tract call.
+    fn check_batch(&mut self, batch: Vec<Job>) {
+        let mut by_version: BTreeMap<(String, u64), Vec<Job>> = BTreeMap::new();
+        for job in batch {
+            by_version
+                .entry((job.model.name.clone(), job.model.version))
+                .or_default()
+                .push(job);
+        }
+        for ((name, version), jobs) in by_version {
+            self.check_version(&name, version, jobs);
+        }
     }
 
     /// Runs one version once on every row of `jobs` and answers each job.

@@ -204,13 +204,7 @@ async fn run_grpc(
         token.clone(),
         tasks.clone(),
     );
-    let checker = InferenceChecker::start(
-        Arc::clone(&catalog),
-        config.inference.tolerance,
-        config.inference.queue_capacity,
-        config.inference.max_batch,
-        &tasks,
-    );
+    let checker = InferenceChecker::start(Arc::clone(&catalog), config.inference, token.clone(), &tasks);
     let sync = SyncService::new(
         engine,
         Arc::clone(shared),
