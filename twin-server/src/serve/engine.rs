@@ -973,7 +973,7 @@ fn delta_message(
 /// The desired keys whose reconciliation differs from `before`, in their new state.
 fn reconciliation_changes(twin: &Twin, before: &BTreeMap<String, Reconciliation>) -> Vec<pb::KeyReconciliation> {
     let mut changes = Vec::new();
-    for (key, entry) in twin.reconciliation() {
+    for (key, entry) in &twin.reconciliation() {
         if before.get(key) != Some(entry) {
             changes.push(key_reconciliation(twin, key, entry));
         }

@@ -16,7 +16,6 @@ use tokio_util::task::TaskTracker;
 
 use super::engine::{EngineHandle, Shared};
 use crate::store::Store;
-use crate::twins::ReconciliationState;
 
 /// Settings of the metrics endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,16 +123,12 @@ pub fn render(sources: &Sources) -> String {
         let mut failed_keys = 0u64;
         let mut oldest_pending: Option<u64> = None;
         for published in snapshot.twins.values() {
-            for entry in published.twin.reconciliation().values() {
-                match entry.state {
-                    ReconciliationState::Pending => {
-                        pending_keys += 1;
-                        let since = entry.pending_since.unix_nanos();
-                        oldest_pending = Some(oldest_pending.map_or(since, |oldest| oldest.min(since)));
-                    }
-                    ReconciliationState::Failed => failed_keys += 1,
-                    ReconciliationState::Succeeded => {}
-                }
+            // The summary each twin keeps decoded: a scrape decodes nothing.
+            let summary = published.twin.reconciliation_summary();
+            pending_keys += u64::from(summary.pending);
+            failed_keys += u64::from(summary.failed);
+            if let Some(since) = summary.oldest_pending.map(|since| since.unix_nanos()) {
+                oldest_pending = Some(oldest_pending.map_or(since, |oldest| oldest.min(since)));
             }
         }
         (
