@@ -103,6 +103,9 @@ pub struct StoreConfig {
     pub queue_capacity: usize,
     /// The most writes in one commit (default 8192).
     pub max_batch: usize,
+    /// redb's page cache in MiB (default 64). Twins are read from the file only at start, so
+    /// the cache mostly serves commits; redb's own default (1 GiB) would hold much of the file.
+    pub cache_mib: usize,
 }
 
 /// Settings of Twins.Watch.
@@ -183,6 +186,7 @@ impl Default for StoreConfig {
         StoreConfig {
             queue_capacity: 1024,
             max_batch: 8192,
+            cache_mib: 64,
         }
     }
 }
@@ -351,6 +355,7 @@ impl ServeConfig {
         StoreOptions {
             queue_capacity: self.store.queue_capacity,
             max_batch: self.store.max_batch,
+            cache_bytes: self.store.cache_mib.saturating_mul(1 << 20),
         }
     }
 }

@@ -266,7 +266,7 @@ pub fn twin_message(published: &PublishedTwin, full: bool) -> pb::Twin {
         version: twin.version(),
         revision: published.revision,
         reconciliation_state: reconciliation_state(twin.reconciliation_state()) as i32,
-        reported_model: reported_model(twin.reported()),
+        reported_model: reported_model(&twin.reported()),
         inference: Some(inference_check(twin.inference())),
         connection: Some(pb::Connection {
             connected: connection.connected,
@@ -278,28 +278,29 @@ pub fn twin_message(published: &PublishedTwin, full: bool) -> pb::Twin {
         ..pb::Twin::default()
     };
     if full {
-        message.desired_json = json_text(twin.desired());
-        message.reported_json = json_text(twin.reported());
-        message.delta_json = json_text(&twin.delta());
-        message.tags_json = json_text(twin.tags());
+        let documents = twin.documents();
+        message.desired_json = json_text(&documents.desired);
+        message.reported_json = json_text(&documents.reported);
+        message.delta_json = json_text(&twins::delta(&documents.desired, &documents.reported));
+        message.tags_json = json_text(&documents.tags);
         let mut desired_metadata = Vec::new();
         leaf_metadata(
-            twin.desired(),
-            &twin.metadata().desired,
+            &documents.desired,
+            &documents.metadata.desired,
             &mut String::new(),
             &mut desired_metadata,
         );
         message.desired_metadata = desired_metadata;
         let mut reported_metadata = Vec::new();
         leaf_metadata(
-            twin.reported(),
-            &twin.metadata().reported,
+            &documents.reported,
+            &documents.metadata.reported,
             &mut String::new(),
             &mut reported_metadata,
         );
         message.reported_metadata = reported_metadata;
-        message.reconciliation = twin
-            .reconciliation()
+        message.reconciliation = documents
+            .reconciliation
             .iter()
             .map(|(key, entry)| key_reconciliation(twin, key, entry))
             .collect();

@@ -621,8 +621,8 @@ impl Engine {
                 connection: self.connection(twin.id()),
             };
             if filter.matches(&published) {
-                let current = twin.desired().get("model");
-                let unchanged = current.is_some_and(|current| json_equal(current, model));
+                let desired = twin.desired();
+                let unchanged = desired.get("model").is_some_and(|current| json_equal(current, model));
                 selected.push((twin.id().to_owned(), unchanged));
             }
         }
@@ -1090,7 +1090,7 @@ fn delta_message(
 /// The desired keys whose reconciliation differs from `before`, in their new state.
 fn reconciliation_changes(twin: &Twin, before: &BTreeMap<String, Reconciliation>) -> Vec<pb::KeyReconciliation> {
     let mut changes = Vec::new();
-    for (key, entry) in twin.reconciliation() {
+    for (key, entry) in &twin.reconciliation() {
         if before.get(key) != Some(entry) {
             changes.push(key_reconciliation(twin, key, entry));
         }

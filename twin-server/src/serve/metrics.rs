@@ -16,7 +16,6 @@ use tokio_util::task::TaskTracker;
 
 use super::engine::{EngineHandle, Shared};
 use crate::store::Store;
-use crate::twins::ReconciliationState;
 
 /// Settings of the metrics endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,16 +127,12 @@ pub fn render(sources: &Sources) -> String {
             if published.twin.inference().inference_divergence() {
                 divergent += 1;
             }
-            for entry in published.twin.reconciliation().values() {
-                match entry.state {
-                    ReconciliationState::Pending => {
-                        pending_keys += 1;
-                        let since = entry.pending_since.unix_nanos();
-                        oldest_pending = Some(oldest_pending.map_or(since, |oldest| oldest.min(since)));
-                    }
-                    ReconciliationState::Failed => failed_keys += 1,
-                    ReconciliationState::Succeeded => {}
-                }
+            // The summary each twin keeps decoded: a scrape decodes nothing.
+            let summary = published.twin.reconciliation_summary();
+            pending_keys += u64::from(summary.pending);
+            failed_keys += u64::from(summary.failed);
+            if let Some(since) = summary.oldest_pending.map(|since| since.unix_nanos()) {
+                oldest_pending = Some(oldest_pending.map_or(since, |oldest| oldest.min(since)));
             }
         }
         (

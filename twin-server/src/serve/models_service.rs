@@ -203,8 +203,8 @@ impl Models for ModelsService {
             for published in snapshot.twins.values() {
                 if filter.matches(published) {
                     counted.targeted += 1;
-                    let current = published.twin.desired().get("model");
-                    if !current.is_some_and(|current| json_equal(current, &model)) {
+                    let desired = published.twin.desired();
+                    if !desired.get("model").is_some_and(|current| json_equal(current, &model)) {
                         counted.changed += 1;
                     }
                 }

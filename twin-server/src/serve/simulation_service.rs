@@ -219,7 +219,7 @@ impl SimulationService {
                 ));
             };
             // The desired model, deployed at t=0 (instantly), wins over the reported one.
-            let model = fork_model(twin.desired()).or_else(|| fork_model(twin.reported()));
+            let model = fork_model(&twin.desired()).or_else(|| fork_model(&twin.reported()));
             forked
                 .fleet
                 .groups

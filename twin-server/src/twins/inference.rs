@@ -82,6 +82,16 @@ pub struct InferenceCheck {
 }
 
 impl InferenceCheck {
+    /// Nothing checked yet.
+    pub const NONE: InferenceCheck = InferenceCheck {
+        checked: 0,
+        agreed: 0,
+        diverged: 0,
+        divergent_model: None,
+        max_abs_error: 0.0,
+        last_divergence_at: None,
+    };
+
     /// Whether nothing was ever checked (the twin's stored form then leaves the check out).
     pub fn is_empty(&self) -> bool {
         *self == InferenceCheck::default()
@@ -188,6 +198,38 @@ mod tests {
         check.reported_model_changed(Some(&key(1)), Some(&key(2)));
         assert!(!check.inference_divergence());
         assert_eq!(check.diverged, 1, "the counts stay");
+    }
+
+    #[test]
+    fn a_check_is_stored_with_the_twin_and_takes_no_version() {
+        use crate::twins::{Limits, NewTwin, Twin, Twins};
+        let mut twins = Twins::new(Limits::default());
+        let new = NewTwin {
+            id: "d".to_owned(),
+            ..NewTwin::default()
+        };
+        twins.create(new, Timestamp::from_unix_nanos(1)).expect("create");
+        let plain = twins.get("d").expect("twin").encode().expect("encode");
+        let outcome = CheckOutcome {
+            model: key(3),
+            max_abs_error: Some(0.75),
+            agreed: false,
+        };
+        let check = twins
+            .record_inference("d", &[outcome], Timestamp::from_unix_nanos(9))
+            .expect("record")
+            .clone();
+        let twin = twins.get("d").expect("twin");
+        assert_eq!(twin.version(), 1, "a check is not a change of the documents");
+        let stored = twin.encode().expect("encode");
+        assert!(
+            stored.len() > plain.len() && stored.starts_with(&plain),
+            "a trailer after the parts"
+        );
+        let decoded = Twin::decode(&stored).expect("decode");
+        assert_eq!(decoded.inference(), &check);
+        assert_eq!(&decoded, twin);
+        assert_eq!(Twin::decode(&plain).expect("decode").inference(), &InferenceCheck::NONE);
     }
 
     #[test]
