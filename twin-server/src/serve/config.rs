@@ -64,6 +64,9 @@ pub struct SimulationConfig {
     /// Finished or failed simulations kept for GetSimulation and GetReport; beyond it the
     /// oldest finished one is forgotten (default 100).
     pub max_kept: usize,
+    /// Largest estimated memory of one simulation's fleet, in bytes; a bigger scenario does not
+    /// validate (default 1 GiB; `twin run` allows 8 GiB).
+    pub max_memory_bytes: u64,
 }
 
 /// Settings of the live inference check.
@@ -157,6 +160,7 @@ impl Default for SimulationConfig {
         SimulationConfig {
             max_running: 2,
             max_kept: 100,
+            max_memory_bytes: 1 << 30,
         }
     }
 }

@@ -391,7 +391,7 @@ impl simulation_server::Simulation for SimulationService {
         let forked = self.fork(request.fork)?;
         let options = LoadOptions {
             seed: request.seed,
-            ..LoadOptions::default()
+            max_memory_bytes: self.inner.config.max_memory_bytes,
         };
         let fleet = forked.fleet;
         let files = ConfinedFiles {
