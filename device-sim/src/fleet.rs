@@ -73,31 +73,35 @@ pub fn load(path: &Path, options: LoadOptions, devices: Option<u32>) -> Result<S
     Scenario::from_toml(&name, &rescaled, &ScenarioFiles::beside(path), options).map_err(FleetError::from)
 }
 
-/// Splits `total` over groups in proportion to `counts`, largest remainder first, at least one
-/// each (`total` must be at least the number of groups).
+/// Splits `total` over groups in proportion to `counts` (largest remainder), then gives every
+/// group at least one device, taken from the largest groups (`total` must be at least the
+/// number of groups).
 pub fn rescale(counts: &[u32], total: u32) -> Vec<u32> {
-    let groups = counts.len() as u64;
     let sum: u64 = counts.iter().map(|&c| u64::from(c)).sum::<u64>().max(1);
-    let spare = u64::from(total).saturating_sub(groups);
-    let mut shares: Vec<(u64, u64, usize)> = counts
-        .iter()
-        .enumerate()
-        .map(|(i, &c)| {
-            let exact = spare * u64::from(c);
-            (exact / sum, exact % sum, i)
-        })
-        .collect();
-    let mut left = spare - shares.iter().map(|s| s.0).sum::<u64>();
-    let mut by_remainder: Vec<usize> = (0..shares.len()).collect();
-    by_remainder.sort_by_key(|&i| (std::cmp::Reverse(shares[i].1), i));
-    for i in by_remainder {
+    let total64 = u64::from(total);
+    let mut shares: Vec<u64> = counts.iter().map(|&c| total64 * u64::from(c) / sum).collect();
+    let mut by_remainder: Vec<usize> = (0..counts.len()).collect();
+    by_remainder.sort_by_key(|&i| (std::cmp::Reverse(total64 * u64::from(counts[i]) % sum), i));
+    let mut left = total64 - shares.iter().sum::<u64>();
+    for &i in by_remainder.iter().cycle().take(counts.len() * 2) {
         if left == 0 {
             break;
         }
-        shares[i].0 += 1;
+        shares[i] += 1;
         left -= 1;
     }
-    shares.iter().map(|s| (s.0 + 1) as u32).collect()
+    for i in 0..shares.len() {
+        if shares[i] == 0 {
+            let Some(largest) = (0..shares.len()).max_by_key(|&j| (shares[j], std::cmp::Reverse(j))) else {
+                break;
+            };
+            if shares[largest] > 1 {
+                shares[largest] -= 1;
+                shares[i] = 1;
+            }
+        }
+    }
+    shares.iter().map(|&s| s as u32).collect()
 }
 
 /// One virtual device.

@@ -77,6 +77,9 @@ struct RunArgs {
     /// MQTT command topic template, subscribed by each device.
     #[arg(long, default_value = "devices/{id}/desired")]
     command_topic: String,
+    /// MQTT client id template ({id}, {group}); the device id by default.
+    #[arg(long, default_value = "{id}")]
+    client_id: String,
     /// NATS: publish to this JetStream stream with acknowledgements (without it: core publish).
     #[arg(long)]
     stream: Option<String>,
@@ -206,6 +209,7 @@ fn main() -> ExitCode {
             },
             topic,
             command_topic: args.command_topic.clone(),
+            client_id: args.client_id.clone(),
             stream: args.stream.clone(),
             create_stream: args.create_stream,
             delete_stream: args.delete_stream,

@@ -182,7 +182,7 @@ async fn run_device(shared: Arc<Shared>, models: ModelSource, device: u32, mut o
         }
     }
     let info = &shared.fleet.devices[device as usize];
-    let (client, eventloop) = AsyncClient::new(options(&shared.settings, &info.id), 64);
+    let (client, eventloop) = AsyncClient::new(options(&shared.settings, &shared.fill(&shared.settings.client_id, device)), 64);
     let progress = Arc::new(Progress::default());
     let connection = tokio::spawn(poll_connection(
         shared.clone(),

@@ -245,7 +245,7 @@ pub async fn run(scenario: Scenario, mut settings: RunSettings, interrupt: Cance
             connects: Counters::get(&counters.connects),
             failures: Counters::get(&counters.connect_failures),
             reconnects: Counters::get(&counters.reconnects),
-            rate_per_s: (first_connects > 0 && last_first > 0.0).then(|| first_connects as f64 / last_first),
+            rate_per_s: (first_connects > 1 && last_first > 0.0).then(|| first_connects as f64 / last_first),
             latency: shared.latencies.connect.snapshot().summary(),
         },
         convergence: shared.latencies.convergence.snapshot().summary(),

@@ -26,6 +26,8 @@ pub struct TransportSettings {
     pub topic: String,
     /// MQTT command topic template, subscribed by each device.
     pub command_topic: String,
+    /// MQTT client id template (default `{id}`: the device id).
+    pub client_id: String,
     /// JetStream stream (`None`: core NATS publish).
     pub stream: Option<String>,
     /// Create the stream.

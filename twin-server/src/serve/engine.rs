@@ -25,7 +25,7 @@ use twin_proto::v1 as pb;
 use super::convert::{self, json_text, key_reconciliation, model_json, timestamp, twin_status, unix_nanos_i64};
 use super::history::{ChangeRecord, History};
 use super::snapshot::{ConnectionState, PublishedTwin, SharedSnapshot, Snapshot};
-use super::telemetry_service::TelemetryLedger;
+use super::telemetry_service::{TelemetryLedger, TelemetryNotices};
 use crate::store::{PendingWrite, Revisions, Store, StoreError, WriteBatch};
 use crate::twins::{DesiredAck, NewTwin, Reconciliation, SectionPatch, Timestamp, Twin, TwinError, Twins};
 
@@ -200,6 +200,8 @@ pub struct Shared {
     /// Telemetry per device, counted by the Telemetry service (not by the engine: ingest
     /// changes no twin).
     pub telemetry: TelemetryLedger,
+    /// Accepted telemetry batches, for Watch streams with `include_telemetry`.
+    pub telemetry_notices: TelemetryNotices,
 }
 
 /// A cloneable handle to the engine.
@@ -274,6 +276,7 @@ pub fn start(
         history,
         counters: Counters::default(),
         telemetry: TelemetryLedger::default(),
+        telemetry_notices: TelemetryNotices::default(),
     });
     let (sender, receiver) = mpsc::channel(queue_capacity.max(1));
     let engine = Engine {
