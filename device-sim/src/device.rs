@@ -126,12 +126,18 @@ pub fn apply_delta(
     for (key, value) in delta {
         let result = match key.as_str() {
             "upload" => apply_upload(shared, device, value),
-            "model" => apply_model(shared, value, models, model),
-            _ => Ok(()),
+            "model" => apply_model(shared, value, models, model).map(|()| {
+                model.as_ref().map(|m| {
+                    serde_json::json!({"name": m.name, "version": m.version, "sha256": m.sha256})
+                })
+            }),
+            _ => Ok(None),
         };
         match result {
-            Ok(()) => {
-                applied.reported.insert(key.clone(), value.clone());
+            Ok(reported) => {
+                applied
+                    .reported
+                    .insert(key.clone(), reported.unwrap_or_else(|| value.clone()));
                 applied.outcomes.push(KeyOutcome {
                     key: key.clone(),
                     status: 200,
@@ -148,11 +154,20 @@ pub fn apply_delta(
     applied
 }
 
-fn apply_upload(shared: &Shared, device: u32, value: &Value) -> Result<(), (i32, String)> {
+fn apply_upload(shared: &Shared, device: u32, value: &Value) -> Result<Option<Value>, (i32, String)> {
+    // A delta holds only the leaves that differ: a missing mode is the one the device has.
+    let current = shared
+        .commands
+        .get(device as usize)
+        .and_then(|c| c.current())
+        .unwrap_or(shared.fleet.initial_upload(device).mode);
     let (mode, window) = match value {
         Value::String(mode) => (mode.as_str(), None),
         Value::Object(fields) => (
-            fields.get("mode").and_then(Value::as_str).unwrap_or_default(),
+            fields
+                .get("mode")
+                .and_then(Value::as_str)
+                .unwrap_or(current.name()),
             fields.get("window"),
         ),
         _ => return Err((400, "upload: expected \"raw\", \"summary\" or { mode, window }".into())),
@@ -176,7 +191,7 @@ fn apply_upload(shared: &Shared, device: u32, value: &Value) -> Result<(), (i32,
     if let Some(command) = shared.commands.get(device as usize) {
         command.set(mode, window);
     }
-    Ok(())
+    Ok(None)
 }
 
 fn apply_model(
@@ -188,7 +203,9 @@ fn apply_model(
     let reference = match value {
         Value::String(text) => text.clone(),
         Value::Object(fields) => {
-            let name = fields.get("name").and_then(Value::as_str).unwrap_or_default();
+            // A delta holds only the leaves that differ: a missing name is the running model's.
+            let running = model.as_ref().map(|m| m.name.as_str()).unwrap_or_default();
+            let name = fields.get("name").and_then(Value::as_str).unwrap_or(running);
             match fields.get("version") {
                 Some(Value::Number(n)) => format!("{name}@{n}"),
                 Some(Value::String(s)) => format!("{name}@{s}"),

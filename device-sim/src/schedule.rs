@@ -59,6 +59,15 @@ impl UploadCommand {
         self.mode.store(code, Ordering::Relaxed);
     }
 
+    /// The commanded mode, if a command set one.
+    pub fn current(&self) -> Option<UploadMode> {
+        match self.mode.load(Ordering::Relaxed) {
+            1 => Some(UploadMode::Raw),
+            2 => Some(UploadMode::Summary),
+            _ => None,
+        }
+    }
+
     fn get(&self, base: UploadSpec) -> Option<UploadSpec> {
         let mode = match self.mode.load(Ordering::Relaxed) {
             1 => UploadMode::Raw,
