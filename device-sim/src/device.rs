@@ -68,14 +68,20 @@ impl ModelSource {
             });
         }
         let manifest = self.registry_dir.join("manifest.json");
-        let text = std::fs::read_to_string(&manifest).map_err(|err| format!("cannot read {}: {err}", manifest.display()))?;
-        let registry = Registry::from_manifest(&manifest.display().to_string(), &text).map_err(|err| err.to_string())?;
+        let text =
+            std::fs::read_to_string(&manifest).map_err(|err| format!("cannot read {}: {err}", manifest.display()))?;
+        let registry =
+            Registry::from_manifest(&manifest.display().to_string(), &text).map_err(|err| err.to_string())?;
         let entry = registry.resolve(reference).map_err(|err| err.to_string())?;
         let file = self.registry_dir.join(&entry.file);
         let bytes = std::fs::read(&file).map_err(|err| format!("cannot read {}: {err}", file.display()))?;
         let sha256 = twin_core::models::sha256_hex(&bytes);
         if sha256 != entry.sha256 {
-            return Err(format!("{} has sha256 {sha256}, the manifest says {}", file.display(), entry.sha256));
+            return Err(format!(
+                "{} has sha256 {sha256}, the manifest says {}",
+                file.display(),
+                entry.sha256
+            ));
         }
         let compiled = CompiledModel::load(&bytes).map_err(|err| err.to_string())?;
         compiled
@@ -127,9 +133,9 @@ pub fn apply_delta(
         let result = match key.as_str() {
             "upload" => apply_upload(shared, device, value),
             "model" => apply_model(shared, value, models, model).map(|()| {
-                model.as_ref().map(|m| {
-                    serde_json::json!({"name": m.name, "version": m.version, "sha256": m.sha256})
-                })
+                model
+                    .as_ref()
+                    .map(|m| serde_json::json!({"name": m.name, "version": m.version, "sha256": m.sha256}))
             }),
             _ => Ok(None),
         };
@@ -164,10 +170,7 @@ fn apply_upload(shared: &Shared, device: u32, value: &Value) -> Result<Option<Va
     let (mode, window) = match value {
         Value::String(mode) => (mode.as_str(), None),
         Value::Object(fields) => (
-            fields
-                .get("mode")
-                .and_then(Value::as_str)
-                .unwrap_or(current.name()),
+            fields.get("mode").and_then(Value::as_str).unwrap_or(current.name()),
             fields.get("window"),
         ),
         _ => return Err((400, "upload: expected \"raw\", \"summary\" or { mode, window }".into())),
@@ -180,7 +183,8 @@ fn apply_upload(shared: &Shared, device: u32, value: &Value) -> Result<Option<Va
     let window = match window {
         None => None,
         Some(Value::Number(seconds)) => Some(
-            SimDuration::from_secs_f64(seconds.as_f64().unwrap_or(-1.0)).map_err(|e| (400, format!("upload.window: {e}")))?,
+            SimDuration::from_secs_f64(seconds.as_f64().unwrap_or(-1.0))
+                .map_err(|e| (400, format!("upload.window: {e}")))?,
         ),
         Some(Value::String(text)) => Some(SimDuration::parse(text).map_err(|e| (400, format!("upload.window: {e}")))?),
         Some(_) => return Err((400, "upload.window: expected a duration".into())),

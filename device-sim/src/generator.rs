@@ -54,7 +54,12 @@ fn generate(fleet: &Fleet, pace: Pace, sim_end: u64, steps: &mpsc::Sender<StepRe
         .scenario
         .groups
         .iter()
-        .map(|g| fleet.scenario.sensors[g.sensors.clone()].iter().map(|s| s.name.as_str()).collect())
+        .map(|g| {
+            fleet.scenario.sensors[g.sensors.clone()]
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect()
+        })
         .collect();
     loop {
         let start = simulation.now().0;

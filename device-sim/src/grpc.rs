@@ -25,13 +25,13 @@ use twin_proto::v1 as pb;
 use twin_proto::v1::device_sync_client::DeviceSyncClient;
 use twin_proto::v1::twins_client::TwinsClient;
 
+use crate::RunError;
 use crate::checker::{CHECK_INTERVAL, Ledger};
 use crate::clock::system_unix_nanos;
 use crate::device::{ModelSource, RunningModel, WindowInference, apply_delta};
 use crate::measure::Counters;
 use crate::message::{Outgoing, Stamp, batch};
 use crate::shared::{Shared, TransportSettings};
-use crate::RunError;
 
 /// Messages queued per device towards its stream.
 pub const OUTBOX_CAPACITY: usize = 1024;
@@ -93,7 +93,9 @@ pub async fn prepare(settings: &TransportSettings) -> Result<Prepared, RunError>
                 }),
                 Ok(Ok(None)) => Err(RunError::Connect(format!("{target}: the Watch ended at once"))),
                 Ok(Err(status)) => Err(RunError::Connect(format!("{target}: Watch: {}", status.message()))),
-                Err(_) => Err(RunError::Connect(format!("{target}: Watch: no answer within the connect timeout"))),
+                Err(_) => Err(RunError::Connect(format!(
+                    "{target}: Watch: no answer within the connect timeout"
+                ))),
             }
         }
         Err(status) if status.code() == Code::Unimplemented => Ok(Prepared {
@@ -108,21 +110,32 @@ pub async fn prepare(settings: &TransportSettings) -> Result<Prepared, RunError>
     }
 }
 
+/// Each device's queue, and the checker if the server streams telemetry notices.
+pub type Started = (Vec<mpsc::Sender<Outgoing>>, Option<JoinHandle<Ledger>>);
+
 /// Starts the checker and one task per device; returns each device's queue.
 pub fn start(
     prepared: Prepared,
     shared: &Arc<Shared>,
     models: &ModelSource,
     tracker: &TaskTracker,
-) -> Result<(Vec<mpsc::Sender<Outgoing>>, Option<JoinHandle<Ledger>>), RunError> {
+) -> Result<Started, RunError> {
     let endpoint = endpoint(&shared.settings)?;
     let mut outboxes = Vec::with_capacity(shared.fleet.devices.len());
     for device in 0..shared.fleet.devices.len() as u32 {
         let (sender, receiver) = mpsc::channel(OUTBOX_CAPACITY);
         outboxes.push(sender);
-        tracker.spawn(run_device(shared.clone(), endpoint.clone(), models.clone(), device, receiver));
+        tracker.spawn(run_device(
+            shared.clone(),
+            endpoint.clone(),
+            models.clone(),
+            device,
+            receiver,
+        ));
     }
-    let checker = prepared.watch.map(|watch| tokio::spawn(run_checker(shared.clone(), watch)));
+    let checker = prepared
+        .watch
+        .map(|watch| tokio::spawn(run_checker(shared.clone(), watch)));
     Ok((outboxes, checker))
 }
 
@@ -278,7 +291,11 @@ async fn connect_and_sync(
         group: shared.fleet.scenario.groups[info.group].name.clone(),
         firmware: format!("device-sim/{}", env!("CARGO_PKG_VERSION")),
     };
-    if requests.send(next(pb::device_message::Body::Hello(hello))).await.is_err() {
+    if requests
+        .send(next(pb::device_message::Body::Hello(hello)))
+        .await
+        .is_err()
+    {
         return StreamEnd::Lost;
     }
     let mut inbound = match DeviceSyncClient::new(channel)
@@ -401,7 +418,11 @@ async fn apply(
             patch_json: patch,
             source_time: None,
         };
-        if requests.send(next(pb::device_message::Body::Reported(reported))).await.is_err() {
+        if requests
+            .send(next(pb::device_message::Body::Reported(reported)))
+            .await
+            .is_err()
+        {
             return false;
         }
     }

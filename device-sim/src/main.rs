@@ -170,7 +170,11 @@ fn main() -> ExitCode {
         Ok(target) => target,
         Err(err) => return invalid(err),
     };
-    for (flag, value) in [("--rate", args.rate), ("--max-rate", args.max_rate), ("--connect-rate", args.connect_rate)] {
+    for (flag, value) in [
+        ("--rate", args.rate),
+        ("--max-rate", args.max_rate),
+        ("--connect-rate", args.connect_rate),
+    ] {
         if let Some(value) = value
             && !(value.is_finite() && value > 0.0)
         {
@@ -182,7 +186,9 @@ fn main() -> ExitCode {
     }
     let is_nats = matches!(target, Target::Nats { .. });
     if (args.stream.is_some() || args.create_stream || args.delete_stream) && !is_nats {
-        return invalid(format!("--stream, --create-stream and --delete-stream are for nats:// targets, not {target}"));
+        return invalid(format!(
+            "--stream, --create-stream and --delete-stream are for nats:// targets, not {target}"
+        ));
     }
     if (args.create_stream || args.delete_stream) && args.stream.is_none() {
         return invalid("--create-stream and --delete-stream need --stream NAME");

@@ -78,9 +78,9 @@ pub fn batch(
     for reading in &message.readings {
         let spec = &scenario.sensors[device.sensors.start + usize::from(reading.sensor)];
         let continues = matches!(current, Some((sensor, first)) if sensor == reading.sensor
-            && sensors.last().and_then(|s| s.offsets_nanos.last()).is_some_and(|&last| {
-                reading.timestamp_nanos - first >= last as i64
-            }));
+        && sensors.last().and_then(|s| s.offsets_nanos.last()).is_some_and(|&last| {
+            reading.timestamp_nanos - first >= last as i64
+        }));
         if !continues {
             let names = spec.channel_names();
             sensors.push(pb::SensorSeries {
@@ -98,7 +98,9 @@ pub fn batch(
         }
         let first = current.map_or(reading.timestamp_nanos, |(_, first)| first);
         if let Some(series) = sensors.last_mut() {
-            series.offsets_nanos.push((reading.timestamp_nanos - first).max(0) as u64);
+            series
+                .offsets_nanos
+                .push((reading.timestamp_nanos - first).max(0) as u64);
             for (channel, value) in series.channels.iter_mut().zip(reading.values) {
                 channel.values.push(value);
             }

@@ -8,18 +8,20 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing as MqttOutgoing, Packet, QoS, Request};
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing as MqttOutgoing, Packet, QoS, Request,
+};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::task::TaskTracker;
 
+use crate::RunError;
 use crate::checker::{CHECK_INTERVAL, Ledger};
+use crate::clock::system_unix_nanos;
 use crate::device::{ModelSource, apply_delta};
 use crate::measure::Counters;
 use crate::message::{Outgoing, batch, decode_stamp, encode};
-use crate::clock::system_unix_nanos;
 use crate::shared::{Shared, TransportSettings, wildcard};
-use crate::RunError;
 
 /// Largest MQTT packet sent or accepted (a summary window of readings can be large).
 const MAX_PACKET_BYTES: usize = 4 << 20;
@@ -59,7 +61,11 @@ fn options(settings: &TransportSettings, client_id: &str) -> MqttOptions {
 /// # Errors
 /// No connection or no subscription acknowledgement within the connect timeout.
 pub async fn prepare(settings: &TransportSettings) -> Result<Prepared, RunError> {
-    let client_id = format!("device-sim-checker-{}-{}", std::process::id(), system_unix_nanos() % 1_000_000_007);
+    let client_id = format!(
+        "device-sim-checker-{}-{}",
+        std::process::id(),
+        system_unix_nanos() % 1_000_000_007
+    );
     let (client, mut eventloop) = AsyncClient::new(options(settings, &client_id), 1024);
     eventloop
         .network_options
@@ -72,9 +78,9 @@ pub async fn prepare(settings: &TransportSettings) -> Result<Prepared, RunError>
         loop {
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    client
-                        .try_subscribe(filter.clone(), level)
-                        .map_err(|err| RunError::Connect(format!("cannot subscribe the checker to `{filter}`: {err}")))?;
+                    client.try_subscribe(filter.clone(), level).map_err(|err| {
+                        RunError::Connect(format!("cannot subscribe the checker to `{filter}`: {err}"))
+                    })?;
                 }
                 Ok(Event::Incoming(Packet::SubAck(_))) => return Ok(()),
                 Ok(_) => {}
@@ -182,7 +188,10 @@ async fn run_device(shared: Arc<Shared>, models: ModelSource, device: u32, mut o
         }
     }
     let info = &shared.fleet.devices[device as usize];
-    let (client, eventloop) = AsyncClient::new(options(&shared.settings, &shared.fill(&shared.settings.client_id, device)), 64);
+    let (client, eventloop) = AsyncClient::new(
+        options(&shared.settings, &shared.fill(&shared.settings.client_id, device)),
+        64,
+    );
     let progress = Arc::new(Progress::default());
     let connection = tokio::spawn(poll_connection(
         shared.clone(),
@@ -202,7 +211,13 @@ async fn run_device(shared: Arc<Shared>, models: ModelSource, device: u32, mut o
         };
         let Some(message) = message else { break };
         let sent_unix = shared.pace.now_unix();
-        let telemetry = batch(&shared.fleet.scenario, info, &message, shared.pace.start_unix_nanos, sent_unix);
+        let telemetry = batch(
+            &shared.fleet.scenario,
+            info,
+            &message,
+            shared.pace.start_unix_nanos,
+            sent_unix,
+        );
         let payload = encode(&telemetry, shared.settings.payload);
         let publish = client.publish(topic.clone(), level, false, payload);
         let result = tokio::select! {
@@ -246,9 +261,10 @@ async fn poll_connection(
 ) {
     let info = &shared.fleet.devices[device as usize];
     let command_topic = shared.fill(&shared.settings.command_topic, device);
-    let reported_topic = command_topic
-        .strip_suffix("desired")
-        .map_or_else(|| format!("{command_topic}/reported"), |prefix| format!("{prefix}reported"));
+    let reported_topic = command_topic.strip_suffix("desired").map_or_else(
+        || format!("{command_topic}/reported"),
+        |prefix| format!("{prefix}reported"),
+    );
     let mut model = None;
     let mut written_at: HashMap<u16, Instant> = HashMap::new();
     let mut attempt = Instant::now();
@@ -262,7 +278,10 @@ async fn poll_connection(
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(connack))) => {
-                shared.latencies.connect.record_nanos(attempt.elapsed().as_nanos() as i64);
+                shared
+                    .latencies
+                    .connect
+                    .record_nanos(attempt.elapsed().as_nanos() as i64);
                 Counters::add(&shared.counters.connects, 1);
                 if connected_once {
                     Counters::add(&shared.counters.reconnects, 1);
@@ -299,7 +318,15 @@ async fn poll_connection(
                 }
             }
             Ok(Event::Incoming(Packet::Publish(command))) if command.topic == command_topic => {
-                handle_command(&shared, &models, device, &client, &reported_topic, &command.payload, &mut model);
+                handle_command(
+                    &shared,
+                    &models,
+                    device,
+                    &client,
+                    &reported_topic,
+                    &command.payload,
+                    &mut model,
+                );
             }
             Ok(Event::Outgoing(MqttOutgoing::Disconnect)) => break,
             Ok(_) => {}
@@ -343,9 +370,7 @@ fn handle_command(
         Counters::add(&shared.counters.errors, 1);
         return;
     };
-    let changed = delta
-        .remove("desired_changed_unix_nanos")
-        .and_then(|v| v.as_i64());
+    let changed = delta.remove("desired_changed_unix_nanos").and_then(|v| v.as_i64());
     let applied = apply_delta(shared, device, &delta, models, model);
     let acks: Vec<serde_json::Value> = applied
         .outcomes

@@ -17,11 +17,11 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::task::TaskTracker;
 
+use crate::RunError;
 use crate::checker::{CHECK_INTERVAL, Ledger};
 use crate::measure::Counters;
 use crate::message::{Outgoing, batch, decode_stamp, encode};
 use crate::shared::{Shared, TransportSettings, wildcard};
-use crate::RunError;
 
 /// Messages queued per lane.
 const LANE_CAPACITY: usize = 8192;
@@ -39,7 +39,7 @@ pub struct Prepared {
 }
 
 enum Receiver {
-    JetStream(consumer::pull::Stream),
+    JetStream(Box<consumer::pull::Stream>),
     Core(async_nats::Subscriber),
 }
 
@@ -94,7 +94,11 @@ pub async fn prepare(settings: &TransportSettings) -> Result<Prepared, RunError>
                 ..Default::default()
             })
             .await
-            .map_err(|err| RunError::Connect(format!("cannot create JetStream stream `{stream_name}` on {target}: {err}")))?
+            .map_err(|err| {
+                RunError::Connect(format!(
+                    "cannot create JetStream stream `{stream_name}` on {target}: {err}"
+                ))
+            })?
     } else {
         context.get_stream(stream_name).await.map_err(|err| {
             RunError::Connect(format!(
@@ -111,7 +115,11 @@ pub async fn prepare(settings: &TransportSettings) -> Result<Prepared, RunError>
             ..Default::default()
         })
         .await
-        .map_err(|err| RunError::Connect(format!("cannot create the checker's consumer on `{stream_name}`: {err}")))?;
+        .map_err(|err| {
+            RunError::Connect(format!(
+                "cannot create the checker's consumer on `{stream_name}`: {err}"
+            ))
+        })?;
     let messages = consumer
         .messages()
         .await
@@ -119,14 +127,18 @@ pub async fn prepare(settings: &TransportSettings) -> Result<Prepared, RunError>
     Ok(Prepared {
         client,
         jetstream: Some(context),
-        receiver: Receiver::JetStream(messages),
+        receiver: Receiver::JetStream(Box::new(messages)),
         checker: format!("JetStream consumer on stream `{stream_name}` ({filter})"),
         connect_latency,
     })
 }
 
 /// The checker task and the lanes; returns each device's queue (devices of a lane share it).
-pub fn start(prepared: Prepared, shared: &Arc<Shared>, tracker: &TaskTracker) -> (Vec<mpsc::Sender<Outgoing>>, JoinHandle<Ledger>) {
+pub fn start(
+    prepared: Prepared,
+    shared: &Arc<Shared>,
+    tracker: &TaskTracker,
+) -> (Vec<mpsc::Sender<Outgoing>>, JoinHandle<Ledger>) {
     let Prepared {
         client,
         jetstream,
@@ -172,7 +184,13 @@ async fn run_lane(
         let subject = shared.fill(&shared.settings.topic, message.device);
         let sent_unix = shared.pace.now_unix();
         let payload = encode(
-            &batch(&shared.fleet.scenario, device, &message, shared.pace.start_unix_nanos, sent_unix),
+            &batch(
+                &shared.fleet.scenario,
+                device,
+                &message,
+                shared.pace.start_unix_nanos,
+                sent_unix,
+            ),
             shared.settings.payload,
         );
         match &jetstream {

@@ -21,7 +21,9 @@ pub fn start(shared: Arc<Shared>, enabled: bool, done: CancellationToken) -> Opt
         return None;
     }
     let bar = ProgressBar::new_spinner();
-    bar.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {elapsed} {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
     Some(tokio::spawn(async move {
         let mut last_sent = 0u64;
         let mut last = Instant::now();

@@ -185,10 +185,7 @@ impl LoadReport {
         put(&mut metrics, "inferences", count(m.inferences));
         put(&mut metrics, "cpu_seconds", self.cost.cpu_seconds);
         put(&mut metrics, "msgs_per_core_s", self.cost.msgs_per_core_s);
-        let numbers: BTreeMap<String, f64> = metrics
-            .iter()
-            .filter_map(|(k, v)| v.map(|v| (k.clone(), v)))
-            .collect();
+        let numbers: BTreeMap<String, f64> = metrics.iter().filter_map(|(k, v)| v.map(|v| (k.clone(), v))).collect();
         self.criteria = criteria
             .iter()
             .map(|c| c.evaluate(&numbers, &BTreeMap::new()))
@@ -261,7 +258,12 @@ impl LoadReport {
             c.rate_per_s.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.0}"))
         );
         if self.convergence.count > 0 || m.converged > 0 {
-            let _ = writeln!(out, "{} ({} acknowledged)", line("convergence", &self.convergence), m.converged);
+            let _ = writeln!(
+                out,
+                "{} ({} acknowledged)",
+                line("convergence", &self.convergence),
+                m.converged
+            );
         }
         if m.inferences > 0 {
             let _ = writeln!(out, "  inference  {} outputs sent", m.inferences);
@@ -269,8 +271,12 @@ impl LoadReport {
         let _ = writeln!(
             out,
             "  cost       {} CPU s, {} msgs per CPU second",
-            self.cost.cpu_seconds.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.2}")),
-            self.cost.msgs_per_core_s.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.0}"))
+            self.cost
+                .cpu_seconds
+                .map_or_else(|| "n/a".to_owned(), |v| format!("{v:.2}")),
+            self.cost
+                .msgs_per_core_s
+                .map_or_else(|| "n/a".to_owned(), |v| format!("{v:.0}"))
         );
         for verdict in &self.criteria {
             let measured = verdict.measured.map_or_else(|| "null".to_owned(), |v| format!("{v}"));

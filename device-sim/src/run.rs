@@ -57,7 +57,7 @@ pub fn default_topic(target: &Target) -> &'static str {
 
 enum Prepared {
     Grpc(grpc::Prepared),
-    Mqtt(mqtt::Prepared),
+    Mqtt(Box<mqtt::Prepared>),
     Nats(nats::Prepared),
 }
 
@@ -65,13 +65,13 @@ enum Prepared {
 ///
 /// # Errors
 /// The target cannot be reached within the connect timeout, or the run cannot start.
-pub async fn run(scenario: Scenario, mut settings: RunSettings, interrupt: CancellationToken) -> Result<LoadReport, RunError> {
+pub async fn run(
+    scenario: Scenario,
+    mut settings: RunSettings,
+    interrupt: CancellationToken,
+) -> Result<LoadReport, RunError> {
     let load = scenario.load.clone().unwrap_or_default();
-    let factor = settings
-        .clock
-        .unwrap_or(scenario.clock.mode)
-        .pace()
-        .unwrap_or(1.0);
+    let factor = settings.clock.unwrap_or(scenario.clock.mode).pace().unwrap_or(1.0);
     let scenario_wall = Duration::from_secs_f64(scenario.clock.duration.as_secs_f64() / factor);
     let planned = settings
         .duration
@@ -87,7 +87,7 @@ pub async fn run(scenario: Scenario, mut settings: RunSettings, interrupt: Cance
     let transport = settings.transport.clone();
     let prepared = match &transport.target {
         Target::Grpc { .. } => Prepared::Grpc(grpc::prepare(&transport).await?),
-        Target::Mqtt { .. } => Prepared::Mqtt(mqtt::prepare(&transport).await?),
+        Target::Mqtt { .. } => Prepared::Mqtt(Box::new(mqtt::prepare(&transport).await?)),
         Target::Nats { .. } => Prepared::Nats(nats::prepare(&transport).await?),
     };
     let checker_name = match &prepared {
@@ -114,7 +114,7 @@ pub async fn run(scenario: Scenario, mut settings: RunSettings, interrupt: Cance
     let (outboxes, checker): (Vec<mpsc::Sender<Outgoing>>, Option<JoinHandle<Ledger>>) = match prepared {
         Prepared::Grpc(p) => grpc::start(p, &shared, &settings.models, &tracker)?,
         Prepared::Mqtt(p) => {
-            let (outboxes, checker) = mqtt::start(p, &shared, &settings.models, &tracker);
+            let (outboxes, checker) = mqtt::start(*p, &shared, &settings.models, &tracker);
             (outboxes, Some(checker))
         }
         Prepared::Nats(p) => {
@@ -153,7 +153,10 @@ pub async fn run(scenario: Scenario, mut settings: RunSettings, interrupt: Cance
     // The outboxes are closed: devices send what they hold, then wait for acknowledgements.
     let drain = transport.drain_timeout;
     if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
-        tracing::warn!(seconds = drain.as_secs_f64(), "devices still flushing after the drain timeout; closing them");
+        tracing::warn!(
+            seconds = drain.as_secs_f64(),
+            "devices still flushing after the drain timeout; closing them"
+        );
         shared.hard_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
     }
@@ -165,7 +168,10 @@ pub async fn run(scenario: Scenario, mut settings: RunSettings, interrupt: Cance
                 Ok(result) => result.ok(),
                 Err(_) => {
                     shared.hard_stop.cancel();
-                    tokio::time::timeout(Duration::from_secs(2), checker).await.ok().and_then(Result::ok)
+                    tokio::time::timeout(Duration::from_secs(2), checker)
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
                 }
             }
         }
@@ -220,7 +226,11 @@ pub async fn run(scenario: Scenario, mut settings: RunSettings, interrupt: Cance
         wall_seconds,
         send_seconds,
         interrupted: interrupt.is_cancelled(),
-        msgs_per_s: if send_seconds > 0.0 { sent as f64 / send_seconds } else { 0.0 },
+        msgs_per_s: if send_seconds > 0.0 {
+            sent as f64 / send_seconds
+        } else {
+            0.0
+        },
         messages: MessageCounts {
             sent,
             samples_sent: Counters::get(&counters.samples_sent),

@@ -280,7 +280,9 @@ impl Scheduler {
                         schedule.pending.clear();
                         continue;
                     }
-                    let split = schedule.pending.partition_point(|r| r.timestamp_nanos < boundary as i64);
+                    let split = schedule
+                        .pending
+                        .partition_point(|r| r.timestamp_nanos < boundary as i64);
                     let readings: Vec<Reading> = schedule.pending.drain(..split).collect();
                     due.push(Due {
                         due: self.pace.instant_of(boundary),

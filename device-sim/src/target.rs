@@ -80,7 +80,9 @@ impl Target {
         };
         let authority = rest.strip_suffix('/').unwrap_or(rest);
         if authority.contains(['/', '?', '#', '@']) {
-            return Err(malformed("only scheme://host:port is accepted (no path, query or user)"));
+            return Err(malformed(
+                "only scheme://host:port is accepted (no path, query or user)",
+            ));
         }
         let (host, port) = match authority.rsplit_once(':') {
             Some((host, port)) if !host.ends_with(']') || authority.starts_with('[') => {
@@ -167,7 +169,10 @@ mod tests {
                 port: 1883
             })
         );
-        assert_eq!(Target::parse("nats://[::1]:4222").map(|t| t.authority()), Ok("[::1]:4222".into()));
+        assert_eq!(
+            Target::parse("nats://[::1]:4222").map(|t| t.authority()),
+            Ok("[::1]:4222".into())
+        );
     }
 
     #[test]
@@ -177,9 +182,21 @@ mod tests {
             Target::parse("amqp://127.0.0.1"),
             Err(TargetError::UnknownScheme { .. })
         ));
-        assert!(matches!(Target::parse("grpc://127.0.0.1"), Err(TargetError::Malformed { .. })));
-        assert!(matches!(Target::parse("mqtt://:1883"), Err(TargetError::Malformed { .. })));
-        assert!(matches!(Target::parse("mqtt://h:99999"), Err(TargetError::Malformed { .. })));
-        assert!(matches!(Target::parse("mqtt://h:1883/x"), Err(TargetError::Malformed { .. })));
+        assert!(matches!(
+            Target::parse("grpc://127.0.0.1"),
+            Err(TargetError::Malformed { .. })
+        ));
+        assert!(matches!(
+            Target::parse("mqtt://:1883"),
+            Err(TargetError::Malformed { .. })
+        ));
+        assert!(matches!(
+            Target::parse("mqtt://h:99999"),
+            Err(TargetError::Malformed { .. })
+        ));
+        assert!(matches!(
+            Target::parse("mqtt://h:1883/x"),
+            Err(TargetError::Malformed { .. })
+        ));
     }
 }

@@ -32,7 +32,11 @@ async fn mqtt_qos1_delivers_every_message_once_in_order() {
     assert_eq!(m.acks, SMOKE_MESSAGES, "every QoS 1 publish is acknowledged");
     assert_eq!(report.e2e.count, SMOKE_MESSAGES);
     assert_eq!(report.connections.connects, 5, "one connection per device");
-    assert!(report.passed, "the smoke scenario's load criteria pass: {}", report.summary());
+    assert!(
+        report.passed,
+        "the smoke scenario's load criteria pass: {}",
+        report.summary()
+    );
     assert_eq!(report.metrics.get("loss"), Some(&Some(0.0)));
     for (name, _) in twin_core::load::LOAD_METRICS {
         assert!(report.metrics.contains_key(*name), "metric {name} is reported");
@@ -83,7 +87,12 @@ async fn mqtt_devices_apply_and_acknowledge_commands() {
     let answer = tokio::time::timeout(Duration::from_secs(20), async {
         // The device subscribes when it connects; a retained command reaches it whenever that is.
         operator
-            .publish(format!("{prefix}/thermo-01/desired"), QoS::AtLeastOnce, true, command.to_string())
+            .publish(
+                format!("{prefix}/thermo-01/desired"),
+                QoS::AtLeastOnce,
+                true,
+                command.to_string(),
+            )
             .await
             .expect("publish");
         loop {
@@ -98,7 +107,12 @@ async fn mqtt_devices_apply_and_acknowledge_commands() {
     .expect("the device answers the command");
     // Clear the retained command.
     operator
-        .publish(format!("{prefix}/thermo-01/desired"), QoS::AtLeastOnce, true, Vec::new())
+        .publish(
+            format!("{prefix}/thermo-01/desired"),
+            QoS::AtLeastOnce,
+            true,
+            Vec::new(),
+        )
         .await
         .expect("clear");
     let _ = tokio::time::timeout(Duration::from_secs(2), async {

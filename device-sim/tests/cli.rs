@@ -35,7 +35,11 @@ fn a_bad_url_or_an_unknown_scheme_exits_2() {
         let output = device_sim(&["run", &smoke, "--target", url]);
         assert_eq!(output.status.code(), Some(2), "{url}: {}", stderr(&output));
         assert!(stderr(&output).contains(expected), "{url}: {}", stderr(&output));
-        assert!(stderr(&output).contains(url), "the message names the URL: {}", stderr(&output));
+        assert!(
+            stderr(&output).contains(url),
+            "the message names the URL: {}",
+            stderr(&output)
+        );
     }
 }
 
@@ -47,7 +51,10 @@ fn an_unreachable_target_exits_2_within_the_connect_timeout() {
         let output = device_sim(&["run", &smoke, "--target", url, "--connect-timeout", "2s"]);
         assert_eq!(output.status.code(), Some(2), "{url}: {}", stderr(&output));
         let message = stderr(&output);
-        assert!(message.contains("cannot connect to") && message.contains(url), "{url}: {message}");
+        assert!(
+            message.contains("cannot connect to") && message.contains(url),
+            "{url}: {message}"
+        );
     }
 }
 
@@ -81,11 +88,20 @@ eq = 2
 #[test]
 fn scenario_errors_exit_2_with_file_line_and_column() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let unknown_field = write(dir.path(), "unknown.toml", &format!("{FLEET}\n[load]\nduratoin = \"1s\"\n"));
+    let unknown_field = write(
+        dir.path(),
+        "unknown.toml",
+        &format!("{FLEET}\n[load]\nduratoin = \"1s\"\n"),
+    );
     let output = device_sim(&["run", &unknown_field, "--target", "mqtt://127.0.0.1:9"]);
     assert_eq!(output.status.code(), Some(2));
     let message = stderr(&output);
-    assert!(message.contains(&format!("{unknown_field}:22:1: load.duratoin: unknown field `duratoin`")), "{message}");
+    assert!(
+        message.contains(&format!(
+            "{unknown_field}:22:1: load.duratoin: unknown field `duratoin`"
+        )),
+        "{message}"
+    );
 
     let unknown_metric = write(
         dir.path(),
@@ -127,7 +143,8 @@ fn a_failed_load_criterion_exits_1_and_the_json_report_says_why() {
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("FAIL sent < 1"), "{stdout}");
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("report")).expect("json");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("report")).expect("json");
     // Two devices at 4 Hz for 1 s, one message per reading.
     assert_eq!(report["messages"]["sent"], 8);
     assert_eq!(report["metrics"]["sent"], 8.0);

@@ -53,7 +53,9 @@ async fn start_server() -> Server {
 
 impl Server {
     async fn twins(&self) -> TwinsClient<tonic::transport::Channel> {
-        TwinsClient::connect(format!("http://{}", self.address)).await.expect("connect")
+        TwinsClient::connect(format!("http://{}", self.address))
+            .await
+            .expect("connect")
     }
 
     async fn stop(self) {
@@ -194,6 +196,10 @@ async fn devices_apply_desired_changes_and_acknowledge_them() {
         .await
         .expect("get")
         .into_inner();
-    assert_eq!(pump.reported_model.map(|m| m.version), Some(1), "pump-01 runs version 1 now");
+    assert_eq!(
+        pump.reported_model.map(|m| m.version),
+        Some(1),
+        "pump-01 runs version 1 now"
+    );
     server.stop().await;
 }

@@ -10,9 +10,9 @@ use nalgebra::{Rotation3, Vector3};
 use super::location::FieldPath;
 use super::raw::{self, RawScenario};
 use super::{
-    Action, Arrivals, ClockSpec, ComparisonSpec, Diagnostic, ESTIMATED_BYTES_PER_DEVICE, ESTIMATED_BYTES_PER_SENSOR, EventSpec,
-    FileSource, Gate, GatewaySpec, GroupSpec, IdTemplate, LOAD_METRICS, LoadOptions, LoadSpec, ModelBinding, ModelSpec, Placement, RolloutSpec,
-    Scenario, SensorSpec, ShadowSpec, StageSpec, Target, UploadMode, UploadSpec,
+    Action, Arrivals, ClockSpec, ComparisonSpec, Diagnostic, ESTIMATED_BYTES_PER_DEVICE, ESTIMATED_BYTES_PER_SENSOR,
+    EventSpec, FileSource, Gate, GatewaySpec, GroupSpec, IdTemplate, LOAD_METRICS, LoadOptions, LoadSpec, ModelBinding,
+    ModelSpec, Placement, RolloutSpec, Scenario, SensorSpec, ShadowSpec, StageSpec, Target, UploadMode, UploadSpec,
 };
 use crate::criteria::{Check, Criterion, edit_distance};
 use crate::fault::SensorFault;
