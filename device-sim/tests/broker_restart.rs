@@ -18,7 +18,13 @@ fn free_port() -> u16 {
 /// Starts `mosquitto -v -p PORT`; its log lines (stderr) arrive on the returned channel.
 fn mosquitto(port: u16) -> (Child, mpsc::Receiver<String>) {
     let mut child = Command::new("mosquitto")
-        .env("PATH", format!("{}:/usr/sbin:/usr/local/sbin", std::env::var("PATH").unwrap_or_default()))
+        .env(
+            "PATH",
+            format!(
+                "{}:/usr/sbin:/usr/local/sbin",
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
         .args(["-v", "-p", &port.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -42,7 +48,9 @@ fn mosquitto(port: u16) -> (Child, mpsc::Receiver<String>) {
 fn wait_for(lines: &mpsc::Receiver<String>, pattern: &str, count: usize) {
     let mut seen = 0;
     while seen < count {
-        let line = lines.recv_timeout(PATIENCE).unwrap_or_else(|_| panic!("mosquitto never logged {pattern:?}"));
+        let line = lines
+            .recv_timeout(PATIENCE)
+            .unwrap_or_else(|_| panic!("mosquitto never logged {pattern:?}"));
         if line.contains(pattern) {
             seen += 1;
         }
@@ -91,7 +99,8 @@ fn a_broker_restart_means_reconnects_counted_losses_and_a_complete_report() {
         "the run completes (exit 0, or 1 for the losses): {status:?} {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("report")).expect("json");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("report")).expect("json");
     let messages = &report["messages"];
     // The schedule is open loop: the restart changes nothing about what the fleet sent.
     assert_eq!(messages["sent"], 30, "{report}");
@@ -99,7 +108,13 @@ fn a_broker_restart_means_reconnects_counted_losses_and_a_complete_report() {
     let received = messages["received"].as_u64().expect("received");
     let lost = messages["lost"].as_u64().expect("lost");
     assert_eq!(received + lost, sent, "every message is received or counted lost");
-    assert!(report["connections"]["reconnects"].as_u64().expect("reconnects") >= 5, "{report}");
-    assert!(report["connections"]["failures"].as_u64().expect("failures") >= 5, "{report}");
+    assert!(
+        report["connections"]["reconnects"].as_u64().expect("reconnects") >= 5,
+        "{report}"
+    );
+    assert!(
+        report["connections"]["failures"].as_u64().expect("failures") >= 5,
+        "{report}"
+    );
     assert_eq!(report["passed"], lost == 0);
 }
