@@ -204,6 +204,14 @@ impl Scheduler {
                 () = tokio::time::sleep_until(wake.into()) => {}
             }
         }
+        // At the end of the run (not on Ctrl-C), readings still on their way from a lagging
+        // simulation are taken: what was due before the end is sent, late (and measured so).
+        if !stop.is_cancelled() && !readings_done {
+            while let Ok(Some(step)) = tokio::time::timeout(Duration::from_secs(5), steps.recv()).await {
+                self.take_step(step);
+            }
+            self.dispatch_due(Instant::now());
+        }
         let stopped = Instant::now();
         let unsent = self.queue.iter().filter(|d| d.due <= stopped).count() as u64;
         Counters::add(&self.counters.unsent, unsent);

@@ -170,3 +170,24 @@ async fn core_nats_at_a_constant_rate_sends_exactly_rate_times_duration() {
     assert_eq!(m.duplicates, Some(0));
     assert_eq!(report.run.schedule, "constant 40/s");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_rate_caps_the_cadence_and_counts_what_it_held_back() {
+    require_broker("NATS", 4222);
+    let subject = unique("dscap");
+    let mut settings = settings(NATS, &format!("{subject}.{{id}}"));
+    // The smoke fleet wants 16 messages per second; the cap allows 10 (one every 100 ms from
+    // the start: 20 slots in 2 s).
+    settings.max_rate = Some(10.0);
+    let report = run(smoke(), settings, CancellationToken::new()).await.expect("run");
+    let m = &report.messages;
+    assert_eq!(m.sent, 20, "{}", report.summary());
+    assert_eq!(
+        m.unsent,
+        SMOKE_MESSAGES - 20,
+        "the rest was due and held back when the run ended"
+    );
+    assert!(m.capped > 0);
+    assert_eq!(m.errors, 0);
+    assert_eq!(m.received.unwrap_or_default() + m.lost.unwrap_or_default(), 20);
+}
