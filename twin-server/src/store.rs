@@ -278,6 +278,19 @@ impl PendingWrite {
         self.reply.await.unwrap_or(Err(StoreError::Closed))
     }
 
+    /// Waits for the commit without giving the write up, so a caller can wait for it or for
+    /// something else (`select!`) and keep it when the other thing comes first. After it
+    /// returned, the write is answered: later calls return `Closed`.
+    ///
+    /// # Errors
+    /// As [`PendingWrite::wait`].
+    pub async fn wait_mut(&mut self) -> Result<Committed, StoreError> {
+        if self.reply.is_terminated() {
+            return Err(StoreError::Closed);
+        }
+        (&mut self.reply).await.unwrap_or(Err(StoreError::Closed))
+    }
+
     /// The commit's result if it is done, without waiting (`None`: still pending). After it
     /// returned `Some`, the write is answered: later calls return `Closed`.
     pub fn try_wait(&mut self) -> Option<Result<Committed, StoreError>> {

@@ -414,10 +414,19 @@ impl Engine {
     fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         let mut in_flight: VecDeque<InFlight> = VecDeque::with_capacity(self.max_in_flight);
         let mut stop = false;
+        // Waits for the oldest commit or the next command, whichever comes first (channels
+        // only: no IO or timer driver). Without it the engine would sit out a whole commit
+        // before applying a command that arrived meanwhile, and that command would wait for a
+        // second commit.
+        let waiter = tokio::runtime::Builder::new_current_thread().build().ok();
+        let mut carried: Option<Command> = None;
         loop {
             let mut batch = Vec::new();
+            if let Some(command) = carried.take() {
+                batch.push(command);
+            }
             if !stop && in_flight.len() < self.max_in_flight {
-                if in_flight.is_empty() {
+                if in_flight.is_empty() && batch.is_empty() {
                     match commands.blocking_recv() {
                         Some(command) => batch.push(command),
                         None => stop = true,
@@ -448,6 +457,7 @@ impl Engine {
             // Publish every round whose commit is done, in order; wait for the oldest when there
             // is nothing else to do (no new command, the pipeline is full, or stopping).
             let mut wait = !received || in_flight.len() >= self.max_in_flight || stop;
+            let room = !stop && in_flight.len() < self.max_in_flight;
             while let Some(front) = in_flight.front_mut() {
                 let outcome = match &mut front.commit {
                     Commit::Nothing => Some(Ok(())),
@@ -459,9 +469,31 @@ impl Engine {
                 let outcome = match outcome {
                     Some(outcome) => outcome,
                     None if wait => match std::mem::replace(&mut front.commit, Commit::Nothing) {
-                        Commit::Waiting(pending) => {
-                            pending.wait_blocking().map(drop).map_err(|error| error.to_string())
-                        }
+                        Commit::Waiting(mut pending) => match (&waiter, room) {
+                            (Some(waiter), true) => {
+                                let first = waiter.block_on(async {
+                                    tokio::select! {
+                                        biased;
+                                        committed = pending.wait_mut() => Ok(committed),
+                                        command = commands.recv() => Err(command),
+                                    }
+                                });
+                                match first {
+                                    Ok(committed) => committed.map(drop).map_err(|error| error.to_string()),
+                                    Err(command) => {
+                                        // A command came first: apply it in a new round now, and
+                                        // come back for this commit.
+                                        front.commit = Commit::Waiting(pending);
+                                        match command {
+                                            Some(command) => carried = Some(command),
+                                            None => stop = true,
+                                        }
+                                        break;
+                                    }
+                                }
+                            }
+                            _ => pending.wait_blocking().map(drop).map_err(|error| error.to_string()),
+                        },
                         _ => Ok(()),
                     },
                     None => break,
