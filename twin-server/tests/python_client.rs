@@ -46,7 +46,14 @@ struct Server {
 impl Server {
     fn start(data: &Path) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_twin"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--data"])
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--data",
+            ])
             .arg(data)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -193,14 +200,25 @@ fn the_python_client_sees_the_delta_on_its_device_stream_and_the_change_on_its_w
         at += offset + 1;
     }
     assert!(stdout.contains("\"python_client\":{"), "{stdout}");
-    assert!(stdout.contains(": delta {}\n"), "the delta should be empty at the end:\n{stdout}");
+    assert!(
+        stdout.contains(": delta {}\n"),
+        "the delta should be empty at the end:\n{stdout}"
+    );
     assert_eq!(lines.last().copied(), Some("ok"), "{stdout}");
 
     // The twin exists now: a second run finds it instead of creating it.
     let second = client(&stubs, &server.address, &["--device", "py-test-1"]);
     let stdout = text(&second.stdout);
-    assert_eq!(second.status.code(), Some(0), "second run:\n{stdout}\n{}", text(&second.stderr));
-    assert!(stdout.contains("listed 1 twins\ntwin py-test-1 exists at version"), "{stdout}");
+    assert_eq!(
+        second.status.code(),
+        Some(0),
+        "second run:\n{stdout}\n{}",
+        text(&second.stderr)
+    );
+    assert!(
+        stdout.contains("listed 1 twins\ntwin py-test-1 exists at version"),
+        "{stdout}"
+    );
 
     let address = server.address.clone();
     let log = server.stop();
@@ -210,5 +228,8 @@ fn the_python_client_sees_the_delta_on_its_device_stream_and_the_change_on_its_w
     let refused = client(&stubs, &address, &["--timeout", "1"]);
     assert_eq!(refused.status.code(), Some(1), "{}", text(&refused.stdout));
     let stderr = text(&refused.stderr);
-    assert!(stderr.starts_with("error: connect: ") && stderr.contains("not reachable"), "{stderr}");
+    assert!(
+        stderr.starts_with("error: connect: ") && stderr.contains("not reachable"),
+        "{stderr}"
+    );
 }
