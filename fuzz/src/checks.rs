@@ -150,9 +150,10 @@ impl World {
         self.acknowledged = false;
         let twin = self.twin();
         assert_eq!(twin.desired_version(), version);
+        let reconciliation = twin.reconciliation();
         for key in twin.desired().keys() {
             assert!(
-                twin.reconciliation().contains_key(key),
+                reconciliation.contains_key(key),
                 "created key {key:?} has no reconciliation"
             );
         }
@@ -248,10 +249,10 @@ impl World {
             "an accepted change takes the next version"
         );
         assert_eq!(twin.version(), outcome.version);
-        let expected_section = reference_merge(old.section(section), patch);
+        let expected_section = reference_merge(&old.section(section), patch);
         assert_eq!(
             twin.section(section),
-            &expected_section,
+            expected_section,
             "the merge differs from RFC 7386 for patch {patch:?} on {:?}",
             old.section(section)
         );
@@ -317,7 +318,7 @@ impl World {
                 let twin = self.twin();
                 for (key, ack) in twin.acknowledgements() {
                     assert!(
-                        twin.desired().contains_key(key),
+                        twin.desired().contains_key(&key),
                         "acknowledgement of {key:?}, not in desired"
                     );
                     assert!(
@@ -437,39 +438,43 @@ fn check_refusal(error: &TwinError, allowed: &[ErrorCode]) {
 /// Every invariant of a twin at rest. `reconciliation_follows_delta`: no acknowledgement was
 /// accepted, so each desired key has succeeded exactly when it is in sync.
 pub fn check_twin(twin: &Twin, reconciliation_follows_delta: bool) {
+    let metadata = twin.metadata();
     for section in [Section::Desired, Section::Reported, Section::Tags] {
         let document = twin.section(section);
-        check_document(section.name(), document);
+        check_document(section.name(), &document);
         let (max, _) = LIMITS.section_bytes(section);
         assert!(
-            json_size(document) <= max,
+            json_size(&document) <= max,
             "{} is larger than its limit",
             section.name()
         );
-        let metadata = match section {
-            Section::Desired => &twin.metadata().desired,
-            Section::Reported => &twin.metadata().reported,
-            Section::Tags => &twin.metadata().tags,
+        let node = match section {
+            Section::Desired => &metadata.desired,
+            Section::Reported => &metadata.reported,
+            Section::Tags => &metadata.tags,
         };
-        check_metadata(section.name(), document, metadata);
+        check_metadata(section.name(), &document, node);
     }
     assert!(twin.desired_version() <= twin.version() && twin.reported_version() <= twin.version());
 
     // The delta, by the AWS rules, against a reference walk.
+    let desired = twin.desired();
+    let reported = twin.reported();
     let current = twin.delta();
-    assert_eq!(current, delta(twin.desired(), twin.reported()));
-    assert_eq!(current, reference_delta(twin.desired(), twin.reported()), "delta rules");
-    check_delta_leaves("delta", &current, twin.desired(), Some(twin.reported()));
+    assert_eq!(current, delta(&desired, &reported));
+    assert_eq!(current, reference_delta(&desired, &reported), "delta rules");
+    check_delta_leaves("delta", &current, &desired, Some(&reported));
     let view = twin.device_view(Some(twin.desired_version()));
     assert_eq!(view.delta, current, "the device view carries the whole current delta");
     assert!(!view.missed_desired_change);
 
     // Reconciliation: one entry per top-level desired key.
-    let keys: Vec<&String> = twin.desired().keys().collect();
-    let reconciled: Vec<&String> = twin.reconciliation().keys().collect();
+    let reconciliation = twin.reconciliation();
+    let keys: Vec<&String> = desired.keys().collect();
+    let reconciled: Vec<&String> = reconciliation.keys().collect();
     assert_eq!(keys, reconciled, "reconciliation must have exactly the desired keys");
     if reconciliation_follows_delta {
-        for (key, entry) in twin.reconciliation() {
+        for (key, entry) in &reconciliation {
             let in_sync = !current.contains_key(key);
             assert_eq!(
                 entry.state == ReconciliationState::Succeeded,
@@ -481,14 +486,14 @@ pub fn check_twin(twin: &Twin, reconciliation_follows_delta: bool) {
         }
     }
 
-    // Persistence: the twin survives its JSON form (the store's row) unchanged.
-    let text = match serde_json::to_string(twin) {
-        Ok(text) => text,
-        Err(error) => panic!("a twin does not serialize: {error}"),
+    // Persistence: the twin survives its stored form (the store's row) unchanged.
+    let bytes = match twin.encode() {
+        Ok(bytes) => bytes,
+        Err(error) => panic!("a twin does not encode: {error}"),
     };
-    match serde_json::from_str::<Twin>(&text) {
-        Ok(restored) => assert_eq!(&restored, twin, "a twin changed through its stored JSON"),
-        Err(error) => panic!("a stored twin does not read back: {error}: {text}"),
+    match Twin::decode(&bytes) {
+        Ok(restored) => assert_eq!(&restored, twin, "a twin changed through its stored form"),
+        Err(error) => panic!("a stored twin does not decode: {error}"),
     }
 
     // The protobuf view: documents as JSON text that reads back, leaf metadata that resolves.
@@ -498,18 +503,19 @@ pub fn check_twin(twin: &Twin, reconciliation_follows_delta: bool) {
         connection: ConnectionState::default(),
     };
     let message = twin_message(&published, true);
+    let tags = twin.tags();
     for (name, text, document) in [
-        ("desired_json", &message.desired_json, twin.desired()),
-        ("reported_json", &message.reported_json, twin.reported()),
+        ("desired_json", &message.desired_json, &desired),
+        ("reported_json", &message.reported_json, &reported),
         ("delta_json", &message.delta_json, &current),
-        ("tags_json", &message.tags_json, twin.tags()),
+        ("tags_json", &message.tags_json, &tags),
     ] {
         match serde_json::from_str::<Map<String, Value>>(text) {
             Ok(parsed) => assert_eq!(&parsed, document, "{name} does not read back as the document"),
             Err(error) => panic!("{name} is not a JSON object: {error}: {text}"),
         }
     }
-    let desired = Value::Object(twin.desired().clone());
+    let desired = Value::Object(desired);
     for leaf in &message.desired_metadata {
         assert!(
             desired.pointer(&leaf.path).is_some(),

@@ -159,12 +159,13 @@ impl Simulation {
                     entity.insert(Recorder(specs.iter().map(|_| Vec::new()).collect()));
                 }
                 if let Some(binding) = group.model {
+                    let model = group.initial_model(ordinal).unwrap_or(binding.model);
                     let shadow = binding
                         .shadow
                         .filter(|s| shadow_picked(scenario.seed, &device_id, s.fraction))
                         .map_or(NONE, |s| s.model as u16);
                     let deployed = DeployedModel {
-                        model: binding.model as u16,
+                        model: model as u16,
                         slot: binding.slot as u16,
                         threshold: binding.threshold,
                         placement: binding.placement,

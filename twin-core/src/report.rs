@@ -51,8 +51,9 @@ impl Deployments {
         let mut deployments = Self::new(scenario);
         for (gi, group) in scenario.groups.iter().enumerate() {
             if let Some(binding) = group.model {
-                for _ in 0..group.count {
-                    deployments.count(scenario, gi, binding.model, binding.placement);
+                for ordinal in 0..group.count {
+                    let model = group.initial_model(ordinal).unwrap_or(binding.model);
+                    deployments.count(scenario, gi, model, binding.placement);
                 }
             }
         }
@@ -707,7 +708,7 @@ impl Report {
             report.devices_over_memory = run.deployments.over_memory.get(index).copied().unwrap_or(0);
             for (gi, group) in scenario.groups.iter().enumerate() {
                 let Some(binding) = group.model else { continue };
-                let runs_it = binding.model == index
+                let runs_it = group.starts_with_model(index)
                     || binding.shadow.is_some_and(|s| s.model == index)
                     || scenario.events.iter().any(
                         |e| matches!(&e.action, Action::Rollout(r) if r.model == index && r.model_name == model.name),

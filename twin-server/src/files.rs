@@ -17,6 +17,13 @@ impl ScenarioFiles {
             base: scenario_path.parent().map(Path::to_path_buf).unwrap_or_default(),
         }
     }
+
+    /// Files relative to `folder` (scenario text that has no file of its own).
+    pub fn in_folder(folder: &Path) -> Self {
+        Self {
+            base: folder.to_path_buf(),
+        }
+    }
 }
 
 impl FileSource for ScenarioFiles {

@@ -42,6 +42,12 @@ pub struct RunOutcome {
     pub recording_path: Option<PathBuf>,
 }
 
+/// The text of `report.json`: what `twin run` writes and `Simulation.GetReport` returns, byte
+/// for byte the same for the same scenario and seed.
+pub fn report_json(report: &Report) -> String {
+    report.to_json()
+}
+
 /// The default output folder of a scenario: `out/<scenario name>/`.
 pub fn default_out_dir(scenario: &Scenario) -> PathBuf {
     Path::new("out").join(&scenario.name)
@@ -138,7 +144,7 @@ pub fn run_scenario(scenario: Scenario, request: &RunRequest) -> Result<RunOutco
             .collect(),
     };
     let report_path = request.out_dir.join("report.json");
-    std::fs::write(&report_path, report.to_json())
+    std::fs::write(&report_path, report_json(&report))
         .with_context(|| format!("cannot write {}", report_path.display()))?;
     let timing_path = request.out_dir.join("timing.json");
     let mut timing_json = serde_json::to_string_pretty(&timing).unwrap_or_default();

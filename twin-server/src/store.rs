@@ -32,7 +32,14 @@ const REVISIONS: TableDefinition<&str, u64> = TableDefinition::new("revisions");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const SCHEMA_VERSION_KEY: &str = "schema_version";
 const REVISION_KEY: &str = "revision";
-const SCHEMA_VERSION: u64 = 1;
+/// 2: twins stored packed ([`Twin::encode`]). A schema 1 file (twins as JSON) is read as it is
+/// (`Twin::decode` reads both forms) and marked 2 when opened; its rows become packed as they
+/// are rewritten.
+const SCHEMA_VERSION: u64 = 2;
+/// Schema versions this build opens.
+const READABLE_SCHEMAS: [u64; 2] = [1, 2];
+/// The default of [`StoreOptions::cache_bytes`].
+const DEFAULT_CACHE_BYTES: usize = 64 << 20;
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -63,18 +70,18 @@ pub enum StoreError {
         path: PathBuf,
         /// The twin's id.
         twin_id: String,
-        /// serde's error.
+        /// What is wrong with the bytes.
         #[source]
-        source: serde_json::Error,
+        source: crate::twins::PackError,
     },
     /// A twin could not be encoded.
     #[error("twin {twin_id:?} cannot be encoded: {source}")]
     Encode {
         /// The twin's id.
         twin_id: String,
-        /// serde's error.
+        /// The encoder's error.
         #[source]
-        source: serde_json::Error,
+        source: crate::twins::PackError,
     },
     /// A read or a commit failed; every write of that commit gets this error and none is stored.
     #[error("twin database: {0}")]
@@ -106,6 +113,9 @@ pub struct StoreOptions {
     pub queue_capacity: usize,
     /// The most writes in one commit. 1 commits every write on its own (for comparison).
     pub max_batch: usize,
+    /// redb's page cache, in bytes (default 64 MiB; redb's own default is 1 GiB). Twins are
+    /// read from the file only when the store opens, so the cache mostly serves commits.
+    pub cache_bytes: usize,
 }
 
 impl Default for StoreOptions {
@@ -113,6 +123,7 @@ impl Default for StoreOptions {
         StoreOptions {
             queue_capacity: 8192,
             max_batch: 8192,
+            cache_bytes: DEFAULT_CACHE_BYTES,
         }
     }
 }
@@ -170,7 +181,7 @@ impl WriteBatch {
     }
 
     fn push_put(&mut self, twin: &Twin, revision: Option<u64>) -> Result<(), StoreError> {
-        let state = serde_json::to_vec(twin).map_err(|source| StoreError::Encode {
+        let state = twin.encode().map_err(|source| StoreError::Encode {
             twin_id: twin.id().to_owned(),
             source,
         })?;
@@ -330,7 +341,10 @@ impl Store {
         if let Some(folder) = path.parent().filter(|folder| !folder.as_os_str().is_empty()) {
             std::fs::create_dir_all(folder).map_err(|error| open_error(error.into()))?;
         }
-        let database = Database::create(path).map_err(|error| open_error(error.into()))?;
+        let database = redb::Builder::new()
+            .set_cache_size(options.cache_bytes)
+            .create(path)
+            .map_err(|error| open_error(error.into()))?;
         ensure_schema(&database, path)?;
         let twins = restore(&database, path, limits)?;
         let revisions = restore_revisions(&database)?;
@@ -442,14 +456,14 @@ fn ensure_schema(database: &Database, path: &Path) -> Result<(), StoreError> {
         transaction.open_table(REVISIONS)?;
         let mut meta = transaction.open_table(META)?;
         let found = meta.get(SCHEMA_VERSION_KEY)?.map(|value| value.value());
-        if found.is_none() {
+        if found.is_none_or(|found| found != SCHEMA_VERSION && READABLE_SCHEMAS.contains(&found)) {
             meta.insert(SCHEMA_VERSION_KEY, SCHEMA_VERSION)?;
         }
         found
     };
     transaction.commit()?;
     match found {
-        Some(found) if found != SCHEMA_VERSION => Err(StoreError::Schema {
+        Some(found) if !READABLE_SCHEMAS.contains(&found) => Err(StoreError::Schema {
             path: path.to_owned(),
             found,
             expected: SCHEMA_VERSION,
@@ -464,7 +478,7 @@ fn restore(database: &Database, path: &Path, limits: Limits) -> Result<Twins, St
     let mut twins = Vec::new();
     for entry in twins_table.iter()? {
         let (key, value) = entry?;
-        let twin: Twin = serde_json::from_slice(value.value()).map_err(|source| StoreError::Decode {
+        let twin = Twin::decode(value.value()).map_err(|source| StoreError::Decode {
             path: path.to_owned(),
             twin_id: key.value().to_owned(),
             source,
@@ -620,11 +634,104 @@ mod tests {
             matches!(
                 error,
                 StoreError::Schema {
-                    found: 2,
-                    expected: 1,
+                    found: 3,
+                    expected: 2,
                     ..
                 }
             ),
+            "{error}"
+        );
+    }
+
+    /// A twin as schema 1 stored it (JSON), with reported state, metadata, an acknowledgement
+    /// and reconciliation.
+    const SCHEMA_1_TWIN: &str = r#"{"id":"cam-1","group":"cameras","version":4,"desired_version":2,"reported_version":3,"created_at":1000,"updated_at":4000,"tags":{"site":"a"},"desired":{"rate":10},"reported":{"rate":5},"metadata":{"desired":{"last_updated":2000,"children":{"rate":{"last_updated":2000}}},"reported":{"last_updated":3000,"children":{"rate":{"last_updated":3000,"source_time":2900}}},"tags":{"last_updated":1000,"children":{"site":{"last_updated":1000}}}},"acknowledgements":{"rate":{"status":400,"version":2,"description":"too fast","received_at":4000}},"reconciliation":{"rate":{"state":"failed","desired_version":2,"desired_at":2000,"pending_since":2000,"resolved_at":4000}}}"#;
+
+    #[test]
+    fn a_schema_1_file_opens_its_json_twins_and_becomes_schema_2() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("twin.redb");
+        {
+            let database = Database::create(&path).expect("create");
+            let transaction = database.begin_write().expect("begin");
+            transaction
+                .open_table(META)
+                .expect("meta")
+                .insert(SCHEMA_VERSION_KEY, 1)
+                .expect("insert");
+            transaction
+                .open_table(TWINS)
+                .expect("twins")
+                .insert("cam-1", SCHEMA_1_TWIN.as_bytes())
+                .expect("insert");
+            transaction.commit().expect("commit");
+        }
+        let (store, twins) = Store::open(&path, StoreOptions::default(), Limits::default()).expect("open");
+        let twin = twins.get("cam-1").expect("restored").clone();
+        assert_eq!(
+            (twin.version(), twin.desired_version(), twin.reported_version()),
+            (4, 2, 3)
+        );
+        assert_eq!(twin.group(), Some("cameras"));
+        assert_eq!(twin.reported()["rate"], 5);
+        let metadata = twin.metadata();
+        assert_eq!(
+            metadata.reported.get(&["rate"]).and_then(|leaf| leaf.source_time),
+            Some(crate::twins::Timestamp::from_unix_nanos(2900))
+        );
+        assert_eq!(twin.acknowledgements()["rate"].description, "too fast");
+        assert_eq!(twin.reconciliation_state(), crate::twins::ReconciliationState::Failed);
+        // Rewritten packed, then read back equal.
+        store
+            .write_blocking(WriteBatch::put(&twin).expect("encode"))
+            .expect("commit");
+        store.close();
+        let (store, again) = Store::open(&path, StoreOptions::default(), Limits::default()).expect("reopen");
+        assert_eq!(again.get("cam-1"), Some(&twin));
+        store.close();
+        drop(store);
+        let database = Database::open(&path).expect("open file");
+        let read = database.begin_read().expect("read");
+        let schema = read
+            .open_table(META)
+            .expect("meta")
+            .get(SCHEMA_VERSION_KEY)
+            .expect("get")
+            .map(|value| value.value());
+        assert_eq!(schema, Some(SCHEMA_VERSION));
+        let stored = read.open_table(TWINS).expect("twins");
+        let row = stored.get("cam-1").expect("get").expect("row");
+        assert_ne!(row.value().first(), Some(&b'{'), "stored packed after the rewrite");
+    }
+
+    #[test]
+    fn a_corrupt_twin_row_is_a_decode_error_naming_the_twin() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("twin.redb");
+        {
+            let database = Database::create(&path).expect("create");
+            let transaction = database.begin_write().expect("begin");
+            let twin = Twins::new(Limits::default())
+                .create(
+                    crate::twins::NewTwin {
+                        id: "dev-1".to_owned(),
+                        ..crate::twins::NewTwin::default()
+                    },
+                    crate::twins::Timestamp::from_unix_nanos(1),
+                )
+                .expect("create")
+                .encode()
+                .expect("encode");
+            transaction
+                .open_table(TWINS)
+                .expect("twins")
+                .insert("dev-1", &twin[..twin.len() - 1])
+                .expect("insert");
+            transaction.commit().expect("commit");
+        }
+        let error = Store::open(&path, StoreOptions::default(), Limits::default()).expect_err("corrupt");
+        assert!(
+            matches!(&error, StoreError::Decode { twin_id, .. } if twin_id == "dev-1"),
             "{error}"
         );
     }

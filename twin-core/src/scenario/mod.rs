@@ -210,6 +210,42 @@ pub struct GroupSpec {
     pub model: Option<ModelBinding>,
     /// Hardware profile of the devices (index into [`crate::hardware::PROFILES`]).
     pub hardware: usize,
+    /// Explicit device ids, one per device, when the devices come from outside the scenario
+    /// (an [`ExternalFleet`]); `None`: ids come from the template.
+    pub ids: Option<Arc<[String]>>,
+    /// The model each device starts with (indices into [`Scenario::models`]), when its devices
+    /// come from an [`ExternalFleet`] whose devices name models; `None`: every device starts
+    /// with the group's [`ModelBinding::model`].
+    pub initial_models: Option<Arc<[usize]>>,
+}
+
+/// Devices supplied from outside a scenario, by group name: for example the live twins a
+/// simulation is forked from. Each listed group of the scenario is made of exactly these
+/// devices, in this order, instead of its `count` devices named by its `id` template; the
+/// group keeps everything else (sensors, gateway, upload, model binding, hardware), and the
+/// storyboard's selectors, replay filters and rollouts are resolved against these devices.
+/// Groups not listed keep their own devices.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExternalFleet {
+    /// Devices by group name. An empty list leaves the group as the scenario defines it.
+    pub groups: std::collections::BTreeMap<String, Vec<ExternalDevice>>,
+}
+
+/// One device of an [`ExternalFleet`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExternalDevice {
+    /// Its device id (unique across the whole fleet).
+    pub id: String,
+    /// The model version it starts with, as `(name, version)`; `None`: the group's model.
+    /// Ignored in a group that binds no model. It must fit the group's bound sensor.
+    pub model: Option<(String, u32)>,
+}
+
+impl ExternalFleet {
+    /// Whether no group is replaced.
+    pub fn is_empty(&self) -> bool {
+        self.groups.values().all(Vec::is_empty)
+    }
 }
 
 /// A model version a scenario deploys, loaded and compiled once.
@@ -363,7 +399,29 @@ pub struct RolloutSpec {
 impl GroupSpec {
     /// The id of the group's `ordinal`-th device.
     pub fn device_id(&self, ordinal: u32) -> String {
+        if let Some(id) = self.ids.as_ref().and_then(|ids| ids.get(ordinal as usize)) {
+            return id.clone();
+        }
         self.template.render(&self.name, self.start_index + u64::from(ordinal))
+    }
+
+    /// The model version (index into [`Scenario::models`]) the group's `ordinal`-th device
+    /// starts with, if the group runs a model.
+    pub fn initial_model(&self, ordinal: u32) -> Option<usize> {
+        let binding = self.model?;
+        let own = self
+            .initial_models
+            .as_ref()
+            .and_then(|models| models.get(ordinal as usize).copied());
+        Some(own.unwrap_or(binding.model))
+    }
+
+    /// Whether some device of the group starts with model version `index`.
+    pub fn starts_with_model(&self, index: usize) -> bool {
+        match &self.initial_models {
+            Some(models) => models.contains(&index),
+            None => self.model.is_some_and(|binding| binding.model == index),
+        }
     }
 }
 
@@ -524,6 +582,24 @@ impl Scenario {
         files: &dyn FileSource,
         options: LoadOptions,
     ) -> Result<Self, ScenarioError> {
+        Self::from_toml_with_fleet(file, text, files, options, &ExternalFleet::default())
+    }
+
+    /// Parses and validates a scenario whose listed groups are made of the devices of `fleet`
+    /// (see [`ExternalFleet`]) rather than of their templated devices. With an empty `fleet`
+    /// this is [`Scenario::from_toml`].
+    ///
+    /// # Errors
+    /// Every problem found, located by line, column and field path; a group of `fleet` the
+    /// scenario does not define is a problem on `fleet`, and a device model that cannot be
+    /// loaded or does not fit the group's sensor one on the group's `model`.
+    pub fn from_toml_with_fleet(
+        file: &str,
+        text: &str,
+        files: &dyn FileSource,
+        options: LoadOptions,
+        fleet: &ExternalFleet,
+    ) -> Result<Self, ScenarioError> {
         let error = |problems| ScenarioError {
             file: file.to_owned(),
             problems,
@@ -554,7 +630,7 @@ impl Scenario {
                 return Err(error(vec![problem]));
             }
         };
-        validate::validate(raw, files, options).map_err(|diagnostics| {
+        validate::validate(raw, files, options, fleet).map_err(|diagnostics| {
             let mut problems: Vec<Problem> = diagnostics
                 .into_iter()
                 .map(|d| {

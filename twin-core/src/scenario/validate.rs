@@ -11,8 +11,8 @@ use super::location::FieldPath;
 use super::raw::{self, RawScenario};
 use super::{
     Action, ClockSpec, ComparisonSpec, Diagnostic, ESTIMATED_BYTES_PER_DEVICE, ESTIMATED_BYTES_PER_SENSOR, EventSpec,
-    FileSource, Gate, GatewaySpec, GroupSpec, IdTemplate, LoadOptions, ModelBinding, ModelSpec, Placement, RolloutSpec,
-    Scenario, SensorSpec, ShadowSpec, StageSpec, Target, UploadMode, UploadSpec,
+    ExternalFleet, FileSource, Gate, GatewaySpec, GroupSpec, IdTemplate, LoadOptions, ModelBinding, ModelSpec,
+    Placement, RolloutSpec, Scenario, SensorSpec, ShadowSpec, StageSpec, Target, UploadMode, UploadSpec,
 };
 use crate::criteria::{Check, Criterion, edit_distance};
 use crate::fault::SensorFault;
@@ -91,6 +91,7 @@ pub(super) fn validate(
     raw: RawScenario,
     files: &dyn FileSource,
     options: LoadOptions,
+    fleet: &ExternalFleet,
 ) -> Result<Scenario, Vec<Diagnostic>> {
     let mut checker = Checker { problems: Vec::new() };
     let root = FieldPath::root();
@@ -117,7 +118,7 @@ pub(super) fn validate(
     let gateways = validate_gateways(&mut checker, &raw.gateways, &root.key("gateways"));
     let (groups, sensors) = validate_fleet(
         &mut checker,
-        &raw.fleet,
+        (&raw.fleet, fleet),
         &gateways,
         files,
         options.max_memory_bytes,
@@ -144,6 +145,9 @@ pub(super) fn validate(
     let mut partial = partial;
     check_replay_coverage(&mut checker, &mut partial);
     let loader = validate_models(&mut checker, &raw, &mut partial, files);
+    if let Some(loader) = &loader {
+        bind_external_models(&mut checker, loader, fleet, &mut partial, files);
+    }
     let events = validate_storyboard(
         &mut checker,
         &raw.storyboard,
@@ -258,7 +262,7 @@ fn validate_upload(checker: &mut Checker, raw: Option<&raw::RawUpload>, path: &F
 
 fn validate_fleet(
     checker: &mut Checker,
-    raw: &[raw::RawGroup],
+    (raw, external): (&[raw::RawGroup], &ExternalFleet),
     gateways: &[GatewaySpec],
     files: &dyn FileSource,
     max_memory_bytes: u64,
@@ -266,6 +270,20 @@ fn validate_fleet(
 ) -> (Vec<GroupSpec>, Vec<SensorSpec>) {
     if raw.is_empty() {
         checker.report(path, "the fleet needs at least one group ([[fleet]])");
+    }
+    for (name, devices) in &external.groups {
+        if !devices.is_empty() && !raw.iter().any(|group| &group.name == name) {
+            let names: Vec<&str> = raw.iter().map(|group| group.name.as_str()).collect();
+            checker.report(
+                path,
+                format!(
+                    "{} external device{} belong to group `{name}`, which the scenario does not define (groups: {})",
+                    devices.len(),
+                    if devices.len() == 1 { "" } else { "s" },
+                    names.join(", ")
+                ),
+            );
+        }
     }
     let mut groups = Vec::new();
     let mut sensors = Vec::new();
@@ -278,10 +296,14 @@ fn validate_fleet(
         if !names.insert(group.name.as_str()) {
             checker.report(&path.key("name"), format!("duplicate group name `{}`", group.name));
         }
-        if group.count < 1 {
+        let external_devices = external.groups.get(&group.name).filter(|devices| !devices.is_empty());
+        if group.count < 1 && external_devices.is_none() {
             checker.report(&path.key("count"), format!("must be at least 1, got {}", group.count));
         }
-        let count = group.count.max(0) as u64;
+        let count = match external_devices {
+            Some(devices) => devices.len() as u64,
+            None => group.count.max(0) as u64,
+        };
         let per_device = ESTIMATED_BYTES_PER_DEVICE + ESTIMATED_BYTES_PER_SENSOR * group.sensors.len() as u64;
         estimated_bytes = estimated_bytes.saturating_add(count.saturating_mul(per_device));
         if largest.is_none_or(|(_, c)| count > c) {
@@ -295,7 +317,7 @@ fn validate_fleet(
                 IdTemplate::parse("{group}-{index}").unwrap_or_else(|_| unreachable!("fixed template parses"))
             }
         };
-        if count > 1 && !template.has_index() {
+        if count > 1 && !template.has_index() && external_devices.is_none() {
             checker.report(
                 &path.key("id"),
                 format!("template `{template_text}` gives all {count} devices the same id: add {{index}}"),
@@ -367,6 +389,8 @@ fn validate_fleet(
                 group.hardware.as_deref().unwrap_or(hardware::DEFAULT_DEVICE),
                 &path.key("hardware"),
             ),
+            ids: external_devices.map(|devices| devices.iter().map(|device| device.id.clone()).collect()),
+            initial_models: None,
         });
         first_device = first_device.saturating_add(count);
     }
@@ -1147,6 +1171,52 @@ fn check_width(
         ),
     );
     false
+}
+
+/// The models external devices start with: each version loaded like a group's model and
+/// checked against the group's bound sensor. Devices of a group that binds no model keep none.
+fn bind_external_models(
+    checker: &mut Checker,
+    loader: &ModelLoader,
+    fleet: &ExternalFleet,
+    scenario: &mut Scenario,
+    files: &dyn FileSource,
+) {
+    for gi in 0..scenario.groups.len() {
+        let group = &scenario.groups[gi];
+        let Some(binding) = group.model else { continue };
+        let Some(devices) = fleet.groups.get(&group.name).filter(|devices| !devices.is_empty()) else {
+            continue;
+        };
+        if devices.iter().all(|device| device.model.is_none()) {
+            continue;
+        }
+        let path = FieldPath::root().key("fleet").index(gi).key("model");
+        let mut models = Vec::with_capacity(devices.len());
+        for device in devices {
+            let Some((name, version)) = &device.model else {
+                models.push(binding.model);
+                continue;
+            };
+            let version = toml::Value::Integer(i64::from(*version));
+            let before = checker.problems.len();
+            let loaded = loader
+                .load(checker, scenario, files, (name, Some(&version)), (&path, &path, &path))
+                .map(|(index, _)| index);
+            let fits = loaded.is_some_and(|index| check_width(checker, scenario, gi, binding.slot, index, &path));
+            for problem in &mut checker.problems[before..] {
+                problem.message = format!(
+                    "device `{}` starts with `{name}@{version}`: {}",
+                    device.id, problem.message
+                );
+            }
+            match loaded {
+                Some(index) if fits => models.push(index),
+                _ => return,
+            }
+        }
+        scenario.groups[gi].initial_models = Some(models.into());
+    }
 }
 
 /// Loads the registry, resolves each group's model (and its shadow), checks its file against

@@ -16,7 +16,7 @@ use crate::twins::Limits;
 pub const DATABASE_FILE: &str = "twin.redb";
 
 /// Everything `twin serve` can be configured with. Every field has a default.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServeConfig {
     /// Address the gRPC server listens on (default `127.0.0.1:7878`: loopback only).
@@ -27,6 +27,14 @@ pub struct ServeConfig {
     /// server closes them, in milliseconds (default 5000). Commands already queued at the
     /// engine are committed either way.
     pub shutdown_grace_ms: u64,
+    /// Folder of the model registry (`manifest.json` and the ONNX files), the one
+    /// `twin models list` reads (default `scenarios/models`). Without a manifest there the
+    /// server knows no model.
+    pub models_dir: PathBuf,
+    /// Folder that `Simulation.StartSimulation` scenario paths are relative to, and that files
+    /// named by scenario text (replays, the model registry) are read from (default
+    /// `scenarios`).
+    pub scenario_dir: PathBuf,
     /// Document limits.
     pub limits: Limits,
     /// The engine that owns the twins.
@@ -43,6 +51,40 @@ pub struct ServeConfig {
     pub metrics: MetricsConfig,
     /// TLS on the gRPC port; no certificate configured: plaintext.
     pub tls: TlsConfig,
+    /// Simulations run by the server.
+    pub simulation: SimulationConfig,
+    /// The live inference check.
+    pub inference: InferenceConfig,
+}
+
+/// Settings of the Simulation service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimulationConfig {
+    /// Simulations queued or running at once, each on a worker thread of its own; one more is
+    /// refused with RESOURCE_EXHAUSTED (default 2).
+    pub max_running: usize,
+    /// Finished or failed simulations kept for GetSimulation and GetReport; beyond it the
+    /// oldest finished one is forgotten (default 100).
+    pub max_kept: usize,
+    /// Largest estimated memory of one simulation's fleet, in bytes; a bigger scenario does not
+    /// validate (default 1 GiB; `twin run` allows 8 GiB).
+    pub max_memory_bytes: u64,
+}
+
+/// Settings of the live inference check.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InferenceConfig {
+    /// Largest absolute difference allowed between each output the device reports and the
+    /// twin's re-run (default 1e-4).
+    pub tolerance: f64,
+    /// Inference reports waiting for the check worker; when full, a report is refused with a
+    /// RESOURCE_EXHAUSTED SyncError (default 1024).
+    pub queue_capacity: usize,
+    /// Most reports checked in one batch; reports of the same model version share one tract
+    /// call (default 256).
+    pub max_batch: usize,
 }
 
 /// Settings of the engine thread.
@@ -67,6 +109,9 @@ pub struct StoreConfig {
     pub queue_capacity: usize,
     /// The most writes in one commit (default 8192).
     pub max_batch: usize,
+    /// redb's page cache in MiB (default 64). Twins are read from the file only at start, so
+    /// the cache mostly serves commits; redb's own default (1 GiB) would hold much of the file.
+    pub cache_mib: usize,
 }
 
 /// Settings of Twins.Watch.
@@ -106,6 +151,30 @@ impl Default for ServeConfig {
             auth: AuthConfig::default(),
             metrics: MetricsConfig::default(),
             tls: TlsConfig::default(),
+            models_dir: PathBuf::from(crate::models::DEFAULT_MODELS_DIR),
+            scenario_dir: PathBuf::from("scenarios"),
+            simulation: SimulationConfig::default(),
+            inference: InferenceConfig::default(),
+        }
+    }
+}
+
+impl Default for SimulationConfig {
+    fn default() -> Self {
+        SimulationConfig {
+            max_running: 2,
+            max_kept: 100,
+            max_memory_bytes: 1 << 30,
+        }
+    }
+}
+
+impl Default for InferenceConfig {
+    fn default() -> Self {
+        InferenceConfig {
+            tolerance: 1e-4,
+            queue_capacity: 1024,
+            max_batch: 256,
         }
     }
 }
@@ -125,6 +194,7 @@ impl Default for StoreConfig {
         StoreConfig {
             queue_capacity: 1024,
             max_batch: 8192,
+            cache_mib: 64,
         }
     }
 }
@@ -218,6 +288,10 @@ impl ServeConfig {
             ("watch.lag", self.watch.lag),
             ("watch.buffer", self.watch.buffer),
             ("sync.outbound_capacity", self.sync.outbound_capacity),
+            ("simulation.max_running", self.simulation.max_running),
+            ("simulation.max_kept", self.simulation.max_kept),
+            ("inference.queue_capacity", self.inference.queue_capacity),
+            ("inference.max_batch", self.inference.max_batch),
         ];
         for (field, value) in positive {
             if value == 0 {
@@ -233,6 +307,13 @@ impl ServeConfig {
             field,
             reason,
         };
+        let tolerance = self.inference.tolerance;
+        if !(tolerance.is_finite() && tolerance >= 0.0) {
+            return Err(invalid(
+                "inference.tolerance",
+                format!("must be a finite number of at least 0, got {tolerance}"),
+            ));
+        }
         let mut seen = std::collections::HashSet::new();
         let tokens = self
             .auth
@@ -286,6 +367,7 @@ impl ServeConfig {
         StoreOptions {
             queue_capacity: self.store.queue_capacity,
             max_batch: self.store.max_batch,
+            cache_bytes: self.store.cache_mib.saturating_mul(1 << 20),
         }
     }
 }

@@ -244,6 +244,18 @@ pub fn model_json(model: &pb::ModelRef) -> Value {
     Value::Object(object)
 }
 
+/// A twin's live inference check as the protobuf InferenceCheck.
+pub fn inference_check(check: &twins::InferenceCheck) -> pb::InferenceCheck {
+    pb::InferenceCheck {
+        checked: check.checked,
+        agreed: check.agreed,
+        diverged: check.diverged,
+        inference_divergence: check.inference_divergence(),
+        max_abs_error: check.max_abs_error,
+        last_divergence_at: check.last_divergence_at.map(timestamp),
+    }
+}
+
 /// A published twin as the protobuf Twin, in the BASIC or FULL view.
 pub fn twin_message(published: &PublishedTwin, full: bool) -> pb::Twin {
     let twin = &published.twin;
@@ -254,8 +266,8 @@ pub fn twin_message(published: &PublishedTwin, full: bool) -> pb::Twin {
         version: twin.version(),
         revision: published.revision,
         reconciliation_state: reconciliation_state(twin.reconciliation_state()) as i32,
-        reported_model: reported_model(twin.reported()),
-        inference: Some(pb::InferenceCheck::default()),
+        reported_model: reported_model(&twin.reported()),
+        inference: Some(inference_check(twin.inference())),
         connection: Some(pb::Connection {
             connected: connection.connected,
             since: connection.since.map(timestamp),
@@ -266,28 +278,29 @@ pub fn twin_message(published: &PublishedTwin, full: bool) -> pb::Twin {
         ..pb::Twin::default()
     };
     if full {
-        message.desired_json = json_text(twin.desired());
-        message.reported_json = json_text(twin.reported());
-        message.delta_json = json_text(&twin.delta());
-        message.tags_json = json_text(twin.tags());
+        let documents = twin.documents();
+        message.desired_json = json_text(&documents.desired);
+        message.reported_json = json_text(&documents.reported);
+        message.delta_json = json_text(&twins::delta(&documents.desired, &documents.reported));
+        message.tags_json = json_text(&documents.tags);
         let mut desired_metadata = Vec::new();
         leaf_metadata(
-            twin.desired(),
-            &twin.metadata().desired,
+            &documents.desired,
+            &documents.metadata.desired,
             &mut String::new(),
             &mut desired_metadata,
         );
         message.desired_metadata = desired_metadata;
         let mut reported_metadata = Vec::new();
         leaf_metadata(
-            twin.reported(),
-            &twin.metadata().reported,
+            &documents.reported,
+            &documents.metadata.reported,
             &mut String::new(),
             &mut reported_metadata,
         );
         message.reported_metadata = reported_metadata;
-        message.reconciliation = twin
-            .reconciliation()
+        message.reconciliation = documents
+            .reconciliation
             .iter()
             .map(|(key, entry)| key_reconciliation(twin, key, entry))
             .collect();

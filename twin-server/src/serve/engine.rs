@@ -23,11 +23,16 @@ use tonic::Status;
 use twin_proto::v1 as pb;
 
 use super::convert::{self, json_text, key_reconciliation, model_json, timestamp, twin_status, unix_nanos_i64};
+use super::filter::Filter;
 use super::history::{ChangeRecord, History};
+use super::models_service::Deployed;
 use super::snapshot::{ConnectionState, PublishedTwin, SharedSnapshot, Snapshot};
 use super::telemetry_service::TelemetryLedger;
 use crate::store::{PendingWrite, Revisions, Store, StoreError, WriteBatch};
-use crate::twins::{DesiredAck, NewTwin, Reconciliation, SectionPatch, Timestamp, Twin, TwinError, Twins};
+use crate::twins::{
+    CheckOutcome, DesiredAck, InferenceCheck, NewTwin, Reconciliation, SectionPatch, Timestamp, Twin, TwinError, Twins,
+    json_equal,
+};
 
 /// A reply to a command: its result, sent after the change is durable.
 pub type Reply<T> = oneshot::Sender<Result<T, Status>>;
@@ -157,6 +162,24 @@ pub enum Command {
         /// The stream that ended; ignored if a newer stream replaced it.
         session_id: u64,
     },
+    /// Models.DeployModel: sets desired `"model"` on every twin the filter selects.
+    DeployModel {
+        /// The twins.
+        filter: Filter,
+        /// The object to set under desired `"model"`.
+        model: Value,
+        /// The counts and the last revision.
+        reply: Reply<Deployed>,
+    },
+    /// Records the outcome of live inference checks on a twin (no version, no revision).
+    RecordInference {
+        /// The twin.
+        device_id: String,
+        /// The checks, in the order the device sent the reports.
+        checks: Vec<CheckOutcome>,
+        /// The twin's inference check after recording.
+        reply: Reply<InferenceCheck>,
+    },
     /// Finish the queued commands and stop.
     Shutdown,
 }
@@ -184,8 +207,21 @@ pub struct Counters {
     pub telemetry_samples: AtomicU64,
     /// Telemetry batches the Telemetry service rejected.
     pub telemetry_rejected: AtomicU64,
-    /// Inference reports received (counted only: the live check is not implemented yet).
+    /// Inference reports received on DeviceSync streams.
     pub inference_reports: AtomicU64,
+    /// Inference reports checked (the twin re-ran the model and compared).
+    pub inference_checked: AtomicU64,
+    /// Checks whose outputs agreed within the tolerance.
+    pub inference_agreed: AtomicU64,
+    /// Checks that diverged: outputs beyond the tolerance, or a model version the twin cannot
+    /// run.
+    pub inference_diverged: AtomicU64,
+    /// Inference reports refused (bad width, queue full, model not loadable).
+    pub inference_refused: AtomicU64,
+    /// Simulations queued or running now.
+    pub simulations_running: AtomicU64,
+    /// Simulations accepted since the server started.
+    pub simulations_started: AtomicU64,
 }
 
 /// What the engine publishes and the handlers read.
@@ -475,6 +511,8 @@ impl Engine {
                 | Command::Acknowledge { reply, .. }
                 | Command::Delete { reply, .. } => round.replies.push(defer(reply, Err(failed))),
                 Command::Connect { reply, .. } => round.replies.push(defer(reply, Err(failed))),
+                Command::DeployModel { reply, .. } => round.replies.push(defer(reply, Err(failed))),
+                Command::RecordInference { reply, .. } => round.replies.push(defer(reply, Err(failed))),
                 Command::Disconnect { .. } | Command::Shutdown => {}
             }
             return;
@@ -555,8 +593,87 @@ impl Engine {
                 self.answer(round, reply, result);
             }
             Command::Disconnect { device_id, session_id } => self.disconnect(round, &device_id, session_id),
+            Command::DeployModel { filter, model, reply } => {
+                let deployed = self.deploy_model(round, &filter, &model);
+                round.replies.push(defer(reply, Ok(deployed)));
+            }
+            Command::RecordInference {
+                device_id,
+                checks,
+                reply,
+            } => {
+                let result = self.record_inference(round, &device_id, &checks);
+                self.answer(round, reply, result);
+            }
             Command::Shutdown => {}
         }
+    }
+
+    /// Sets desired `"model"` on each selected twin that does not desire it yet, each as a
+    /// change of its own (version, revision, change event, delta to its device). A twin that
+    /// refuses the change (a document limit) is left as it was, logged and not counted.
+    fn deploy_model(&mut self, round: &mut Round, filter: &Filter, model: &Value) -> Deployed {
+        let mut selected = Vec::new();
+        for twin in self.twins.iter_shared() {
+            let published = PublishedTwin {
+                twin: Arc::clone(twin),
+                revision: self.revisions.get(twin.id()).copied().unwrap_or(0),
+                connection: self.connection(twin.id()),
+            };
+            if filter.matches(&published) {
+                let desired = twin.desired();
+                let unchanged = desired.get("model").is_some_and(|current| json_equal(current, model));
+                selected.push((twin.id().to_owned(), unchanged));
+            }
+        }
+        let mut deployed = Deployed {
+            targeted: selected.len() as u64,
+            ..Deployed::default()
+        };
+        let mut patch = Map::new();
+        patch.insert("model".to_owned(), model.clone());
+        let patch_json = json_text(&patch);
+        let patch = SectionPatch::Merge(patch);
+        for (device_id, unchanged) in selected {
+            if unchanged {
+                continue;
+            }
+            let now = self.now();
+            let result = self.update(
+                round,
+                &device_id,
+                pb::ChangeKind::DesiredUpdated,
+                patch_json.clone(),
+                None,
+                |twins| twins.update_desired(&device_id, &patch, None, now),
+            );
+            match result {
+                Ok(applied) => {
+                    deployed.changed += 1;
+                    deployed.revision = applied.revision;
+                }
+                Err(error) => {
+                    self.shared.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(device_id = %device_id, %error, "deploy model: twin refused the change");
+                }
+            }
+        }
+        deployed
+    }
+
+    /// Records inference checks on a twin: kept with the twin and written with the round, but
+    /// not a document change (no version, no revision, no change event).
+    fn record_inference(
+        &mut self,
+        round: &mut Round,
+        device_id: &str,
+        checks: &[CheckOutcome],
+    ) -> Result<InferenceCheck, TwinError> {
+        let now = self.now();
+        let check = self.twins.record_inference(device_id, checks, now)?.clone();
+        round.touched.insert(device_id.to_owned());
+        self.republish(round, device_id);
+        Ok(check)
     }
 
     fn answer<T: Send + 'static>(&self, round: &mut Round, reply: Reply<T>, result: Result<T, TwinError>) {
@@ -973,7 +1090,7 @@ fn delta_message(
 /// The desired keys whose reconciliation differs from `before`, in their new state.
 fn reconciliation_changes(twin: &Twin, before: &BTreeMap<String, Reconciliation>) -> Vec<pb::KeyReconciliation> {
     let mut changes = Vec::new();
-    for (key, entry) in twin.reconciliation() {
+    for (key, entry) in &twin.reconciliation() {
         if before.get(key) != Some(entry) {
             changes.push(key_reconciliation(twin, key, entry));
         }

@@ -101,15 +101,17 @@ impl Filter {
         if !self.groups.is_empty() && !self.groups.iter().any(|wanted| wanted == group) {
             return false;
         }
+        let tags = if self.tags.is_empty() { Map::new() } else { twin.tags() };
         for (path, value) in &self.tags {
-            match (pointer(twin.tags(), path), value) {
+            match (pointer(&tags, path), value) {
                 (None, _) => return false,
                 (Some(found), Some(wanted)) if !json_equal(found, wanted) => return false,
                 _ => {}
             }
         }
         if !self.model_name.is_empty() || self.model_version.is_some() {
-            let model = twin.reported().get("model").and_then(Value::as_object);
+            let reported = twin.reported();
+            let model = reported.get("model").and_then(Value::as_object);
             let name = model.and_then(|model| model.get("name")).and_then(Value::as_str);
             let version = model.and_then(|model| model.get("version")).and_then(Value::as_u64);
             if !self.model_name.is_empty() && name != Some(self.model_name.as_str()) {
@@ -126,8 +128,9 @@ impl Filter {
         {
             return false;
         }
-        // The live inference check is not implemented yet: no twin is ever marked divergent.
-        if self.inference_divergence == Some(true) {
+        if let Some(divergent) = self.inference_divergence
+            && twin.inference().inference_divergence() != divergent
+        {
             return false;
         }
         if let Some(connected) = self.connected

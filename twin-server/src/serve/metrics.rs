@@ -16,7 +16,6 @@ use tokio_util::task::TaskTracker;
 
 use super::engine::{EngineHandle, Shared};
 use crate::store::Store;
-use crate::twins::ReconciliationState;
 
 /// Settings of the metrics endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,22 +117,22 @@ pub fn render(sources: &Sources) -> String {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |since| u64::try_from(since.as_nanos()).unwrap_or(u64::MAX));
-    let (twins, revision, pending_keys, failed_keys, oldest_pending) = {
+    let (twins, revision, pending_keys, failed_keys, oldest_pending, divergent) = {
         let snapshot = sources.shared.snapshot.read();
+        let mut divergent = 0u64;
         let mut pending_keys = 0u64;
         let mut failed_keys = 0u64;
         let mut oldest_pending: Option<u64> = None;
         for published in snapshot.twins.values() {
-            for entry in published.twin.reconciliation().values() {
-                match entry.state {
-                    ReconciliationState::Pending => {
-                        pending_keys += 1;
-                        let since = entry.pending_since.unix_nanos();
-                        oldest_pending = Some(oldest_pending.map_or(since, |oldest| oldest.min(since)));
-                    }
-                    ReconciliationState::Failed => failed_keys += 1,
-                    ReconciliationState::Succeeded => {}
-                }
+            if published.twin.inference().inference_divergence() {
+                divergent += 1;
+            }
+            // The summary each twin keeps decoded: a scrape decodes nothing.
+            let summary = published.twin.reconciliation_summary();
+            pending_keys += u64::from(summary.pending);
+            failed_keys += u64::from(summary.failed);
+            if let Some(since) = summary.oldest_pending.map(|since| since.unix_nanos()) {
+                oldest_pending = Some(oldest_pending.map_or(since, |oldest| oldest.min(since)));
             }
         }
         (
@@ -142,12 +141,13 @@ pub fn render(sources: &Sources) -> String {
             pending_keys,
             failed_keys,
             oldest_pending,
+            divergent,
         )
     };
     let lag_seconds = oldest_pending.map_or(0.0, |since| now.saturating_sub(since) as f64 / 1e9);
     let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
     let seconds = |micros: u64| micros as f64 / 1e6;
-    let rows: [(&str, &str, &str, String); 20] = [
+    let rows: [(&str, &str, &str, String); 27] = [
         ("twin_twins", "gauge", "Live twins.", twins.to_string()),
         (
             "twin_revision",
@@ -248,8 +248,50 @@ pub fn render(sources: &Sources) -> String {
         (
             "twin_inference_reports_total",
             "counter",
-            "Inference reports received (not checked yet).",
+            "Inference reports received on DeviceSync streams.",
             load(&counters.inference_reports).to_string(),
+        ),
+        (
+            "twin_inference_checks_total",
+            "counter",
+            "Inference reports the twin re-ran and compared (agreed plus diverged).",
+            load(&counters.inference_checked).to_string(),
+        ),
+        (
+            "twin_inference_agreed_total",
+            "counter",
+            "Inference checks whose outputs agreed within the tolerance.",
+            load(&counters.inference_agreed).to_string(),
+        ),
+        (
+            "twin_inference_divergences_total",
+            "counter",
+            "Inference checks that diverged (outputs beyond the tolerance, or a model version the twin cannot run).",
+            load(&counters.inference_diverged).to_string(),
+        ),
+        (
+            "twin_inference_refused_total",
+            "counter",
+            "Inference reports refused with a SyncError (bad widths, full queue, unknown model).",
+            load(&counters.inference_refused).to_string(),
+        ),
+        (
+            "twin_inference_divergent_twins",
+            "gauge",
+            "Twins marked inference_divergence now.",
+            divergent.to_string(),
+        ),
+        (
+            "twin_simulations_running",
+            "gauge",
+            "Simulations queued or running.",
+            load(&counters.simulations_running).to_string(),
+        ),
+        (
+            "twin_simulations_started_total",
+            "counter",
+            "Simulations accepted by StartSimulation.",
+            load(&counters.simulations_started).to_string(),
         ),
         (
             "twin_store_commits_total",

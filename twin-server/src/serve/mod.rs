@@ -4,6 +4,11 @@
 //!   the durable commit; publishes the snapshot, the change history and device deltas.
 //! - [`twins_service`] and [`sync_service`]: the `Twins` and `DeviceSync` gRPC services.
 //! - [`telemetry_service`]: the `Telemetry` gRPC service (batched ingest, off the engine).
+//! - [`models_service`]: the `Models` gRPC service (the registry; deployment through the
+//!   engine).
+//! - [`simulation_service`]: the `Simulation` gRPC service (what-if runs on worker threads,
+//!   optionally forked from live twins).
+//! - [`inference_check`]: the live inference check's worker (tract off the engine thread).
 //! - [`convert`]: protobuf <-> domain, and domain errors -> gRPC status codes.
 //! - [`config`]: the settings, their defaults and the TOML file.
 //!
@@ -19,7 +24,10 @@ pub mod convert;
 pub mod engine;
 pub mod filter;
 pub mod history;
+pub mod inference_check;
 pub mod metrics;
+pub mod models_service;
+pub mod simulation_service;
 pub mod snapshot;
 pub mod sync_service;
 pub mod telemetry_service;
@@ -35,12 +43,17 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::server::TcpIncoming;
 use twin_proto::v1::device_sync_server::DeviceSyncServer;
+use twin_proto::v1::models_server::ModelsServer;
+use twin_proto::v1::simulation_server::SimulationServer;
 use twin_proto::v1::telemetry_server::TelemetryServer;
 use twin_proto::v1::twins_server::TwinsServer;
 
 pub use config::ServeConfig;
 use engine::{Command, Shared};
 use history::History;
+use inference_check::InferenceChecker;
+use models_service::{ModelCatalog, ModelsService};
+use simulation_service::SimulationService;
 use sync_service::SyncService;
 use telemetry_service::TelemetryService;
 use twins_service::TwinsService;
@@ -104,6 +117,7 @@ pub async fn serve_listeners(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let tls = config.tls.load()?;
+    let catalog = Arc::new(ModelCatalog::load(&config.models_dir)?);
     let path = config.database_path();
     let options = config.store_options();
     let limits = config.limits;
@@ -145,6 +159,7 @@ pub async fn serve_listeners(
         tls.as_ref(),
         engine.clone(),
         &shared,
+        catalog,
         token.clone(),
         tasks.clone(),
         shutdown,
@@ -169,13 +184,14 @@ pub async fn serve_listeners(
     outcome
 }
 
-#[expect(clippy::too_many_arguments, reason = "one call site, each argument a distinct part")]
+#[expect(clippy::too_many_arguments, reason = "the server's parts, each passed once")]
 async fn run_grpc(
     listener: TcpListener,
     config: &ServeConfig,
     tls: Option<&tls::LoadedTls>,
     engine: engine::EngineHandle,
     shared: &Arc<Shared>,
+    catalog: Arc<ModelCatalog>,
     token: CancellationToken,
     tasks: TaskTracker,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -189,11 +205,21 @@ async fn run_grpc(
         tasks.clone(),
     );
     let telemetry = TelemetryService::new(Arc::clone(shared), config.limits, token.clone());
+    let models = ModelsService::new(Arc::clone(&catalog), engine.clone(), Arc::clone(shared));
+    let simulation = SimulationService::new(
+        config.scenario_dir.clone(),
+        config.simulation,
+        Arc::clone(shared),
+        token.clone(),
+        tasks.clone(),
+    );
+    let checker = InferenceChecker::start(Arc::clone(&catalog), config.inference, token.clone(), &tasks);
     let sync = SyncService::new(
         engine,
         Arc::clone(shared),
         config.limits,
         config.sync.outbound_capacity,
+        sync_service::Inference { catalog, checker },
         token.clone(),
         tasks,
     );
@@ -201,6 +227,8 @@ async fn run_grpc(
     health.set_serving::<TwinsServer<TwinsService>>().await;
     health.set_serving::<DeviceSyncServer<SyncService>>().await;
     health.set_serving::<TelemetryServer<TelemetryService>>().await;
+    health.set_serving::<ModelsServer<ModelsService>>().await;
+    health.set_serving::<SimulationServer<SimulationService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(twin_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -229,6 +257,8 @@ async fn run_grpc(
         health.set_not_serving::<TwinsServer<TwinsService>>().await;
         health.set_not_serving::<DeviceSyncServer<SyncService>>().await;
         health.set_not_serving::<TelemetryServer<TelemetryService>>().await;
+        health.set_not_serving::<ModelsServer<ModelsService>>().await;
+        health.set_not_serving::<SimulationServer<SimulationService>>().await;
     };
     let authenticator = auth::Authenticator::new(&config.auth);
     if !authenticator.enabled() {
@@ -242,6 +272,11 @@ async fn run_grpc(
         .add_service(DeviceSyncServer::with_interceptor(sync, authenticator.any_role()))
         .add_service(TelemetryServer::with_interceptor(
             telemetry,
+            authenticator.operator_only(),
+        ))
+        .add_service(ModelsServer::with_interceptor(models, authenticator.operator_only()))
+        .add_service(SimulationServer::with_interceptor(
+            simulation,
             authenticator.operator_only(),
         ))
         .serve_with_incoming_shutdown(incoming, signal);

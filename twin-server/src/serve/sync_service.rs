@@ -17,7 +17,9 @@ use twin_proto::v1::device_sync_server::DeviceSync;
 use super::auth::Role;
 use super::convert::{from_timestamp, parse_patch};
 use super::engine::{Command, EngineHandle, HelloInput, SessionLink, Shared, hello_model};
-use crate::twins::{DesiredAck, Limits, Section, TwinError};
+use super::inference_check::{CheckError, InferenceChecker, input_width, output_widths};
+use super::models_service::ModelCatalog;
+use crate::twins::{CheckOutcome, DesiredAck, Limits, ModelKey, Section, TwinError};
 
 /// Messages queued towards one device besides the deltas (acks and errors).
 const REPLY_BUFFER: usize = 64;
@@ -30,17 +32,30 @@ pub struct SyncService {
     limits: Limits,
     outbound_capacity: usize,
     next_session: Arc<AtomicU64>,
+    inference: Inference,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
 
+/// What the live inference check needs on a stream: the registry (to check a report before
+/// it is queued) and the worker.
+#[derive(Debug, Clone)]
+pub struct Inference {
+    /// The model registry.
+    pub catalog: Arc<ModelCatalog>,
+    /// The check worker.
+    pub checker: InferenceChecker,
+}
+
 impl SyncService {
-    /// The service over an engine, with the server's shutdown token and task tracker.
+    /// The service over an engine, with the inference checker and the server's shutdown token
+    /// and task tracker.
     pub fn new(
         engine: EngineHandle,
         shared: Arc<Shared>,
         limits: Limits,
         outbound_capacity: usize,
+        inference: Inference,
         shutdown: CancellationToken,
         tasks: TaskTracker,
     ) -> Self {
@@ -50,6 +65,7 @@ impl SyncService {
             limits,
             outbound_capacity,
             next_session: Arc::new(AtomicU64::new(1)),
+            inference,
             shutdown,
             tasks,
         }
@@ -111,6 +127,7 @@ impl DeviceSync for SyncService {
             engine: self.engine.clone(),
             shared: Arc::clone(&self.shared),
             limits: self.limits,
+            inference: self.inference.clone(),
             outbound,
             end,
             shutdown: self.shutdown.clone(),
@@ -126,6 +143,7 @@ struct Session {
     engine: EngineHandle,
     shared: Arc<Shared>,
     limits: Limits,
+    inference: Inference,
     outbound: Outbound,
     end: Arc<OnceLock<Status>>,
     shutdown: CancellationToken,
@@ -209,10 +227,13 @@ impl Session {
             Some(Body::Reported(reported)) => self.reported(sequence, reported).await,
             Some(Body::Acks(acks)) => self.acks(sequence, acks).await,
             Some(Body::Telemetry(batch)) => self.telemetry(sequence, &batch),
-            Some(Body::Inference(_report)) => {
-                // Counted only: the live inference check with tract is a later step.
+            Some(Body::Inference(report)) => {
                 self.shared.counters.inference_reports.fetch_add(1, Ordering::Relaxed);
-                Ok(None)
+                let result = self.inference(sequence, report).await;
+                if result.is_err() {
+                    self.shared.counters.inference_refused.fetch_add(1, Ordering::Relaxed);
+                }
+                result
             }
         };
         match result {
@@ -282,6 +303,144 @@ impl Session {
             .await
             .map_err(|status| status_error(sequence, &status))?;
         Ok(None)
+    }
+
+    /// The live inference check of one report: checked against the registry here, re-run by
+    /// the worker, then recorded on the twin through the engine (durable before the stream
+    /// reads on). A model version the registry does not know is recorded as a divergence and
+    /// answered with a NOT_FOUND SyncError.
+    async fn inference(
+        &self,
+        sequence: u64,
+        report: pb::InferenceReport,
+    ) -> Result<Option<pb::ServerMessage>, pb::ServerMessage> {
+        let invalid = |field: &str, message: &str| sync_error(sequence, tonic::Code::InvalidArgument, field, message);
+        let Some(model) = report.model.filter(|model| !model.name.is_empty()) else {
+            return Err(invalid("inference.model.name", "empty: name the model the device ran"));
+        };
+        let key = ModelKey {
+            name: model.name.clone(),
+            version: u64::from(model.version),
+            sha256: model.sha256.clone(),
+        };
+        let catalog = &self.inference.catalog;
+        let unknown = if !catalog.registry.models.contains_key(&model.name) {
+            Some(("inference.model.name", format!("unknown model {:?}", model.name)))
+        } else {
+            match catalog.version(&model.name, model.version) {
+                None => Some((
+                    "inference.model.version",
+                    format!("model {:?} has no version {}", model.name, model.version),
+                )),
+                Some(version) if !model.sha256.is_empty() && model.sha256 != version.sha256 => Some((
+                    "inference.model.sha256",
+                    format!(
+                        "{}@{} has sha256 {}, the device reports {}",
+                        model.name, model.version, version.sha256, model.sha256
+                    ),
+                )),
+                Some(_) => None,
+            }
+        };
+        if let Some((field, message)) = unknown {
+            // The twin cannot run what the device says it runs: a divergence.
+            let outcome = CheckOutcome {
+                model: key,
+                max_abs_error: None,
+                agreed: false,
+            };
+            self.record_check(sequence, outcome).await?;
+            return Err(sync_error(
+                sequence,
+                tonic::Code::NotFound,
+                field,
+                &format!("{message}: recorded as an inference divergence"),
+            ));
+        }
+        let Some(version) = catalog.version(&model.name, model.version) else {
+            return Err(invalid("inference.model.version", "unknown version"));
+        };
+        if let Some(width) = input_width(version)
+            && report.features.len() != width
+        {
+            return Err(invalid(
+                "inference.features",
+                &format!(
+                    "{} features, {}@{} takes {width}",
+                    report.features.len(),
+                    model.name,
+                    model.version
+                ),
+            ));
+        }
+        if let Some(index) = report.features.iter().position(|value| !value.is_finite()) {
+            return Err(invalid(
+                &format!("inference.features[{index}]"),
+                &format!("{} is not a finite number", report.features[index]),
+            ));
+        }
+        let widths: usize = output_widths(version).iter().sum();
+        if report.outputs.len() != widths {
+            return Err(invalid(
+                "inference.outputs",
+                &format!(
+                    "{} outputs, {}@{} gives {widths} per row (every output in order)",
+                    report.outputs.len(),
+                    model.name,
+                    model.version
+                ),
+            ));
+        }
+        let outcome = self
+            .inference
+            .checker
+            .check(key, report.features, report.outputs)
+            .await
+            .map_err(|error| {
+                let code = match error {
+                    CheckError::QueueFull(_) => tonic::Code::ResourceExhausted,
+                    CheckError::Stopped => tonic::Code::Unavailable,
+                    CheckError::Unloadable { .. } => tonic::Code::FailedPrecondition,
+                    CheckError::OutputCount { .. } => tonic::Code::InvalidArgument,
+                };
+                let field = match error {
+                    CheckError::OutputCount { .. } => "inference.outputs",
+                    _ => "inference.model",
+                };
+                sync_error(sequence, code, field, &error.to_string())
+            })?;
+        self.record_check(sequence, outcome).await?;
+        Ok(None)
+    }
+
+    /// Records a check on the twin through the engine and counts it.
+    async fn record_check(&self, sequence: u64, outcome: CheckOutcome) -> Result<(), pb::ServerMessage> {
+        let agreed = outcome.agreed;
+        if !agreed {
+            tracing::warn!(
+                device_id = %self.device_id,
+                model = %outcome.model.name,
+                version = outcome.model.version,
+                max_abs_error = ?outcome.max_abs_error,
+                "inference divergence"
+            );
+        }
+        self.engine
+            .call(|reply| Command::RecordInference {
+                device_id: self.device_id.clone(),
+                checks: vec![outcome],
+                reply,
+            })
+            .await
+            .map_err(|status| status_error(sequence, &status))?;
+        let counters = &self.shared.counters;
+        counters.inference_checked.fetch_add(1, Ordering::Relaxed);
+        if agreed {
+            counters.inference_agreed.fetch_add(1, Ordering::Relaxed);
+        } else {
+            counters.inference_diverged.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     fn telemetry(

@@ -8,6 +8,7 @@ use serde_json::{Map, Value};
 
 use super::doc::{Twin, UpdateOutcome, next_version};
 use super::error::TwinError;
+use super::inference::{CheckOutcome, InferenceCheck};
 use super::limits::{Limits, Section};
 use super::metadata::Stamp;
 use super::patch::SectionPatch;
@@ -254,6 +255,22 @@ impl Twins {
         let limits = self.limits;
         let twin = Arc::make_mut(self.twins.get_mut(id).ok_or_else(|| not_found(id))?);
         twin.acknowledge(acks, expected, now, &limits)
+    }
+
+    /// Records live inference checks on a twin; returns its inference check after them. Not a
+    /// document change: the version stays.
+    ///
+    /// # Errors
+    /// `NotFound`.
+    pub fn record_inference(
+        &mut self,
+        id: &str,
+        checks: &[CheckOutcome],
+        now: Timestamp,
+    ) -> Result<&InferenceCheck, TwinError> {
+        let twin = Arc::make_mut(self.twins.get_mut(id).ok_or_else(|| not_found(id))?);
+        twin.record_inference(checks, now);
+        Ok(twin.inference())
     }
 
     /// Convergence of the twins `select` keeps, on one desired key or (with `None`) all keys.
