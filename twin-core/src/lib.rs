@@ -17,6 +17,7 @@ pub mod fault;
 pub mod features;
 pub mod hardware;
 pub mod inference;
+pub mod load;
 pub mod metrics;
 pub mod models;
 pub mod normal;

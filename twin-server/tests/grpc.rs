@@ -921,16 +921,6 @@ async fn watch_streams_changes_in_order_and_resumes_without_gaps() {
 
     let ahead = watch(&server, Some(1000), None).await.expect_err("ahead");
     assert_eq!(ahead.code(), Code::OutOfRange);
-    let telemetry = server
-        .twins()
-        .await
-        .watch(pb::WatchRequest {
-            include_telemetry: true,
-            ..pb::WatchRequest::default()
-        })
-        .await
-        .expect_err("not implemented");
-    assert_eq!(telemetry.code(), Code::Unimplemented);
     server.stop().await;
 }
 
@@ -1419,6 +1409,62 @@ async fn telemetry_ingest_counts_exact_samples_and_describes_rejected_batches() 
     assert_eq!(metric(&server, "twin_telemetry_devices").await, "2");
     // Ingest changes no twin: no revision was taken.
     assert_eq!(metric(&server, "twin_revision").await, "2");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_telemetry_watcher_gets_a_notice_per_accepted_batch_of_the_twins_it_matches() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(data.path()).await;
+    let mut twins = server.twins().await;
+    for id in ["tw-1", "tw-2"] {
+        twins.create_twin(create(id, "g", "", "")).await.expect("create");
+    }
+    let mut notices = twins
+        .watch(pb::WatchRequest {
+            filter: Some(pb::TwinFilter {
+                device_ids: vec!["tw-1".to_owned()],
+                ..pb::TwinFilter::default()
+            }),
+            include_telemetry: true,
+            ..pb::WatchRequest::default()
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    assert!(matches!(
+        next(&mut notices).await.expect("started").event,
+        Some(pb::watch_response::Event::Started(_))
+    ));
+    let mut telemetry = TelemetryClient::new(server.channel().await);
+    telemetry
+        .ingest_batch(telemetry_batch("tw-2", 1, 2, 1))
+        .await
+        .expect("tw-2 batch");
+    telemetry
+        .ingest_batch(telemetry_batch("tw-1", 7, 4, 3))
+        .await
+        .expect("tw-1 batch");
+    // A device's own stream counts too; its stamp may leave the device id empty.
+    let mut device = Device::connect(&server, hello("tw-1", 0)).await.expect("sync");
+    device.delta().await;
+    let mut batch = telemetry_batch("", 8, 1, 1);
+    batch.stamp.get_or_insert_default().intended_send_unix_nanos = 42;
+    device.send(pb::device_message::Body::Telemetry(batch)).await;
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        match next(&mut notices).await.expect("notice").event {
+            Some(pb::watch_response::Event::Telemetry(notice)) => {
+                let stamp = notice.stamp.expect("stamp");
+                assert_eq!(stamp.device_id, "tw-1", "tw-2 does not match the filter");
+                assert!(notice.received_unix_nanos > 0);
+                seen.push((stamp.sequence, notice.samples, stamp.intended_send_unix_nanos));
+            }
+            Some(pb::watch_response::Event::Progress(_) | pb::watch_response::Event::Change(_)) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(seen, [(7, 12, 0), (8, 1, 42)]);
     server.stop().await;
 }
 

@@ -22,6 +22,7 @@ use thiserror::Error;
 use crate::criteria::Criterion;
 use crate::fault::SensorFault;
 use crate::inference::CompiledModel;
+pub use crate::load::{Arrivals, LOAD_METRICS, LoadSpec};
 use crate::signal::Signal;
 use crate::time::{ClockMode, SimDuration};
 use location::{FieldPath, Segment, line_column, locate};
@@ -565,6 +566,8 @@ pub struct Scenario {
     pub events: Vec<EventSpec>,
     /// Criteria.
     pub criteria: Vec<Criterion>,
+    /// The `[load]` section: `device-sim`'s defaults and load criteria, if any.
+    pub load: Option<LoadSpec>,
     /// Model versions deployed by the scenario.
     pub models: Vec<ModelSpec>,
     /// Side-by-side comparisons (shadows, then rollouts).

@@ -31,6 +31,37 @@ pub struct RawScenario {
     pub criteria: Vec<RawCriterion>,
     /// Where deployed models come from.
     pub models: Option<RawModels>,
+    /// Defaults and criteria of `device-sim` runs (load on real backends).
+    pub load: Option<RawLoad>,
+}
+
+/// `[load]`
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct RawLoad {
+    /// Wall-clock length of a run.
+    pub duration: Option<SimDuration>,
+    /// Messages per second over the whole fleet (open loop); none: the scenario's cadence.
+    pub rate: Option<f64>,
+    /// Cap on messages per second.
+    pub max_rate: Option<f64>,
+    /// Arrival process of `rate`.
+    pub arrivals: Option<RawArrivals>,
+    /// Connections opened per second.
+    pub connect_rate: Option<f64>,
+    /// Pass/fail assertions on the load report.
+    #[serde(default)]
+    pub criteria: Vec<RawCriterion>,
+}
+
+/// `arrivals = "constant" | "poisson"`
+#[derive(Deserialize, Debug, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+pub enum RawArrivals {
+    /// Evenly spaced.
+    Constant,
+    /// Exponential gaps.
+    Poisson,
 }
 
 /// `[models]`

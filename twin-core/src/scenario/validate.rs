@@ -1,7 +1,7 @@
 //! Raw scenario to typed [`Scenario`]: every range, reference and selector checked, every
 //! problem collected with its field path.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::f64::consts::PI;
 use std::sync::Arc;
 
@@ -10,9 +10,10 @@ use nalgebra::{Rotation3, Vector3};
 use super::location::FieldPath;
 use super::raw::{self, RawScenario};
 use super::{
-    Action, ClockSpec, ComparisonSpec, Diagnostic, ESTIMATED_BYTES_PER_DEVICE, ESTIMATED_BYTES_PER_SENSOR, EventSpec,
-    ExternalFleet, FileSource, Gate, GatewaySpec, GroupSpec, IdTemplate, LoadOptions, ModelBinding, ModelSpec,
-    Placement, RolloutSpec, Scenario, SensorSpec, ShadowSpec, StageSpec, Target, UploadMode, UploadSpec,
+    Action, Arrivals, ClockSpec, ComparisonSpec, Diagnostic, ESTIMATED_BYTES_PER_DEVICE, ESTIMATED_BYTES_PER_SENSOR,
+    EventSpec, ExternalFleet, FileSource, Gate, GatewaySpec, GroupSpec, IdTemplate, LOAD_METRICS, LoadOptions,
+    LoadSpec, ModelBinding, ModelSpec, Placement, RolloutSpec, Scenario, SensorSpec, ShadowSpec, StageSpec, Target,
+    UploadMode, UploadSpec,
 };
 use crate::criteria::{Check, Criterion, edit_distance};
 use crate::fault::SensorFault;
@@ -136,6 +137,7 @@ pub(super) fn validate(
         sensors,
         events: Vec::new(),
         criteria: Vec::new(),
+        load: None,
         models: Vec::new(),
         comparisons: Vec::new(),
     };
@@ -157,7 +159,19 @@ pub(super) fn validate(
         &root.key("storyboard"),
     );
     let mut scenario = Scenario { events, ..partial };
-    scenario.criteria = validate_criteria(&mut checker, &raw.criteria, &scenario, &root.key("criteria"));
+    if !raw.criteria.is_empty() {
+        let (numbers, texts) = crate::report::metric_names(&scenario);
+        let names = MetricNames {
+            numbers: &numbers,
+            texts: &texts,
+            listing: "see `twin metrics FILE` for the list",
+        };
+        scenario.criteria = validate_criteria(&mut checker, &raw.criteria, &names, &root.key("criteria"));
+    }
+    scenario.load = raw
+        .load
+        .as_ref()
+        .map(|load| validate_load(&mut checker, load, &root.key("load")));
     if checker.problems.is_empty() {
         Ok(scenario)
     } else {
@@ -1873,20 +1887,54 @@ fn resolve_target(
     Some(Target::Devices(devices))
 }
 
+/// The metric names criteria may use, and where the user finds them listed.
+struct MetricNames<'a> {
+    numbers: &'a BTreeSet<String>,
+    texts: &'a BTreeSet<String>,
+    listing: &'a str,
+}
+
+/// `[load]`: the settings `device-sim` takes by default and the criteria on its report.
+fn validate_load(checker: &mut Checker, raw: &raw::RawLoad, path: &FieldPath) -> LoadSpec {
+    if let Some(duration) = raw.duration {
+        checker.positive_duration(&path.key("duration"), duration);
+    }
+    let rate = raw.rate.map(|rate| checker.positive(&path.key("rate"), rate));
+    let max_rate = raw.max_rate.map(|rate| checker.positive(&path.key("max_rate"), rate));
+    let connect_rate = raw
+        .connect_rate
+        .map(|rate| checker.positive(&path.key("connect_rate"), rate));
+    let numbers: BTreeSet<String> = LOAD_METRICS.iter().map(|(name, _)| (*name).to_owned()).collect();
+    let names = MetricNames {
+        numbers: &numbers,
+        texts: &BTreeSet::new(),
+        listing: "see `device-sim metrics` for the list",
+    };
+    let criteria = validate_criteria(checker, &raw.criteria, &names, &path.key("criteria"));
+    LoadSpec {
+        duration: raw.duration,
+        rate,
+        max_rate,
+        arrivals: match raw.arrivals {
+            None | Some(raw::RawArrivals::Constant) => Arrivals::Constant,
+            Some(raw::RawArrivals::Poisson) => Arrivals::Poisson,
+        },
+        connect_rate,
+        criteria,
+    }
+}
+
 fn validate_criteria(
     checker: &mut Checker,
     raw: &[raw::RawCriterion],
-    scenario: &Scenario,
+    metric_names: &MetricNames<'_>,
     path: &FieldPath,
 ) -> Vec<Criterion> {
-    if raw.is_empty() {
-        return Vec::new();
-    }
-    let (numbers, texts) = crate::report::metric_names(scenario);
+    let (numbers, texts) = (metric_names.numbers, metric_names.texts);
     let mut criteria = Vec::new();
     for (i, c) in raw.iter().enumerate() {
         let path = path.index(i);
-        let names = if c.equals.is_some() { &texts } else { &numbers };
+        let names = if c.equals.is_some() { texts } else { numbers };
         let mut known = |field: &str, metric: &str| -> bool {
             if names.contains(metric) {
                 return true;
@@ -1911,7 +1959,7 @@ fn validate_criteria(
                 .filter(|n| edit_distance(n, metric) <= 4);
             let hint = match closest {
                 Some(n) => format!(" (did you mean `{n}`?)"),
-                None => " (see `twin metrics FILE` for the list)".to_owned(),
+                None => format!(" ({})", metric_names.listing),
             };
             checker.report(&path.key(field), format!("unknown metric `{metric}`{hint}"));
             false

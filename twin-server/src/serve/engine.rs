@@ -27,7 +27,7 @@ use super::filter::Filter;
 use super::history::{ChangeRecord, History};
 use super::models_service::Deployed;
 use super::snapshot::{ConnectionState, PublishedTwin, SharedSnapshot, Snapshot};
-use super::telemetry_service::TelemetryLedger;
+use super::telemetry_service::{TelemetryLedger, TelemetryNotices};
 use crate::store::{PendingWrite, Revisions, Store, StoreError, WriteBatch};
 use crate::twins::{
     CheckOutcome, DesiredAck, InferenceCheck, NewTwin, Reconciliation, SectionPatch, Timestamp, Twin, TwinError, Twins,
@@ -236,6 +236,8 @@ pub struct Shared {
     /// Telemetry per device, counted by the Telemetry service (not by the engine: ingest
     /// changes no twin).
     pub telemetry: TelemetryLedger,
+    /// Accepted telemetry batches, for Watch streams with `include_telemetry`.
+    pub telemetry_notices: TelemetryNotices,
 }
 
 /// A cloneable handle to the engine.
@@ -310,6 +312,7 @@ pub fn start(
         history,
         counters: Counters::default(),
         telemetry: TelemetryLedger::default(),
+        telemetry_notices: TelemetryNotices::default(),
     });
     let (sender, receiver) = mpsc::channel(queue_capacity.max(1));
     let engine = Engine {

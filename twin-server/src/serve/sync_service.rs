@@ -467,6 +467,7 @@ impl Session {
         let counters = &self.shared.counters;
         counters.telemetry_batches.fetch_add(1, Ordering::Relaxed);
         counters.telemetry_samples.fetch_add(samples, Ordering::Relaxed);
+        self.shared.telemetry_notices.publish(&self.device_id, batch, samples);
         Ok(None)
     }
 }

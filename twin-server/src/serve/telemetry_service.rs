@@ -74,6 +74,53 @@ impl TelemetryLedger {
     }
 }
 
+/// Telemetry notices for `Twins.Watch` with `include_telemetry`: each accepted batch's stamp,
+/// sample count and acceptance time, broadcast to the watchers that asked (nothing is built
+/// when no watcher listens). Live only: a watcher that falls [`NOTICE_CAPACITY`] notices behind
+/// is ended with RESOURCE_EXHAUSTED rather than silently missing some.
+#[derive(Debug)]
+pub struct TelemetryNotices {
+    sender: tokio::sync::broadcast::Sender<Arc<pb::TelemetryNotice>>,
+}
+
+/// Notices kept for the slowest telemetry watcher.
+pub const NOTICE_CAPACITY: usize = 16_384;
+
+impl Default for TelemetryNotices {
+    fn default() -> Self {
+        Self {
+            sender: tokio::sync::broadcast::channel(NOTICE_CAPACITY).0,
+        }
+    }
+}
+
+impl TelemetryNotices {
+    /// Announces an accepted batch of `device_id` (the stream's device when the stamp leaves it
+    /// empty) to the telemetry watchers, if any.
+    pub fn publish(&self, device_id: &str, batch: &pb::TelemetryBatch, samples: u64) {
+        if self.sender.receiver_count() == 0 {
+            return;
+        }
+        let mut stamp = batch.stamp.clone().unwrap_or_default();
+        if stamp.device_id.is_empty() {
+            device_id.clone_into(&mut stamp.device_id);
+        }
+        let received_unix_nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+        let _receivers = self.sender.send(Arc::new(pb::TelemetryNotice {
+            stamp: Some(stamp),
+            samples,
+            received_unix_nanos,
+        }));
+    }
+
+    /// A receiver of the notices from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<pb::TelemetryNotice>> {
+        self.sender.subscribe()
+    }
+}
+
 /// Where a batch sits in its request, for field paths: the unary request is the batch itself,
 /// a stream's batch is `batches[index]`.
 #[derive(Debug, Clone, Copy)]
@@ -191,6 +238,7 @@ impl TelemetryService {
             .as_ref()
             .map_or(("", 0), |stamp| (stamp.device_id.as_str(), stamp.sequence));
         self.shared.telemetry.record(device_id, sequence, samples);
+        self.shared.telemetry_notices.publish(device_id, batch, samples);
         let counters = &self.shared.counters;
         counters.telemetry_batches.fetch_add(1, Ordering::Relaxed);
         counters.telemetry_samples.fetch_add(samples, Ordering::Relaxed);

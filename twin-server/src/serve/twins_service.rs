@@ -231,11 +231,6 @@ impl Twins for TwinsService {
 
     async fn watch(&self, request: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         let request = request.into_inner();
-        if request.include_telemetry {
-            return Err(Status::unimplemented(
-                "include_telemetry: telemetry notices on Watch are not implemented yet",
-            ));
-        }
         let filter = Filter::new("filter", request.filter)?;
         let interval = match request.progress_interval_ms {
             0 => Duration::from_millis(1000),
@@ -271,6 +266,9 @@ impl Twins for TwinsService {
                     ),
                 ),
             })?;
+        let telemetry = request
+            .include_telemetry
+            .then(|| (self.shared.telemetry_notices.subscribe(), Arc::clone(&self.shared)));
         let (sender, receiver) = mpsc::channel(self.watch_buffer.max(1));
         let shutdown = self.shutdown.clone();
         let start = request.after_revision.unwrap_or(subscription.revision);
@@ -281,7 +279,7 @@ impl Twins for TwinsService {
                 considered: start,
                 shutdown,
             };
-            watcher.run(subscription, interval).await;
+            watcher.run(subscription, telemetry, interval).await;
         });
         Ok(Response::new(ReceiverStream::new(receiver)))
     }
@@ -296,6 +294,19 @@ struct Watcher {
     shutdown: CancellationToken,
 }
 
+/// A telemetry watcher's notices and the published twins its filter is checked against.
+type TelemetryFeed = (broadcast::Receiver<Arc<pb::TelemetryNotice>>, Arc<Shared>);
+
+/// The next telemetry notice, or never when the watcher did not ask for them.
+async fn next_notice(
+    feed: &mut Option<TelemetryFeed>,
+) -> Result<Arc<pb::TelemetryNotice>, broadcast::error::RecvError> {
+    match feed {
+        Some((notices, _)) => notices.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 enum Next {
     /// The event was sent.
     Sent,
@@ -306,7 +317,12 @@ enum Next {
 }
 
 impl Watcher {
-    async fn run(mut self, subscription: super::history::Subscription, interval: Duration) {
+    async fn run(
+        mut self,
+        subscription: super::history::Subscription,
+        mut telemetry: Option<TelemetryFeed>,
+        interval: Duration,
+    ) {
         let started = pb::watch_response::Event::Started(pb::WatchStarted {
             revision: subscription.revision,
             oldest_revision: subscription.oldest_revision,
@@ -340,6 +356,28 @@ impl Watcher {
                         self.send(Ok(progress)).await
                     }
                 }
+                notice = next_notice(&mut telemetry) => match notice {
+                    Ok(notice) => {
+                        let device_id = notice.stamp.as_ref().map_or("", |s| s.device_id.as_str());
+                        let matches = telemetry
+                            .as_ref()
+                            .and_then(|(_, shared)| shared.snapshot.get(device_id))
+                            .is_some_and(|published| self.filter.matches(&published));
+                        if matches {
+                            self.send(Ok(pb::watch_response::Event::Telemetry(notice.as_ref().clone()))).await
+                        } else {
+                            Next::Continue
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        let status = Status::resource_exhausted(format!(
+                            "watcher fell {missed} telemetry notices behind; telemetry notices are live only"
+                        ));
+                        let _sent = self.sender.send(Err(status)).await;
+                        Next::Stop
+                    }
+                    Err(broadcast::error::RecvError::Closed) => Next::Stop,
+                },
                 received = live.recv() => match received {
                     Ok(record) => match self.offer(&record).await {
                         Next::Sent => {

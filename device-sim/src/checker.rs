@@ -1,0 +1,75 @@
+//! The receiving side's bookkeeping: every stamp a checker reads (from an MQTT subscription, a
+//! JetStream consumer or the server's Watch) goes through a [`Ledger`], which records its
+//! end-to-end latency from the intended send time and tracks each device's sequence numbers.
+
+use std::time::{Duration, Instant};
+
+use crate::measure::{Arrival, Counters, SequenceTracker};
+use crate::message::Stamp;
+use crate::shared::Shared;
+
+/// What the checker saw.
+#[derive(Debug, Default, Clone)]
+pub struct Ledger {
+    trackers: Vec<SequenceTracker>,
+    /// Distinct messages received.
+    pub distinct: u64,
+    /// Messages received again.
+    pub duplicates: u64,
+    /// Messages received after a later one of the same device.
+    pub reordered: u64,
+    /// Messages whose stamp named no device of the fleet, or could not be read.
+    pub foreign: u64,
+}
+
+impl Ledger {
+    /// An empty ledger for `devices` devices.
+    pub fn new(devices: usize) -> Self {
+        Self {
+            trackers: vec![SequenceTracker::default(); devices],
+            ..Self::default()
+        }
+    }
+
+    /// Notes one received message, received at `received_unix_nanos`.
+    pub fn observe(&mut self, shared: &Shared, stamp: Option<&Stamp>, received_unix_nanos: i64) {
+        Counters::add(&shared.counters.received, 1);
+        let Some(stamp) = stamp else {
+            self.foreign += 1;
+            return;
+        };
+        let Some(&device) = shared.fleet.index_of.get(&stamp.device_id) else {
+            self.foreign += 1;
+            return;
+        };
+        match self.trackers[device as usize].observe(stamp.sequence) {
+            Arrival::Duplicate => {
+                self.duplicates += 1;
+                return;
+            }
+            Arrival::Reordered => self.reordered += 1,
+            Arrival::InOrder => {}
+        }
+        self.distinct += 1;
+        shared
+            .latencies
+            .e2e
+            .record_nanos(received_unix_nanos - stamp.intended_send_unix_nanos);
+    }
+
+    /// Whether the checker can stop: everything sent has arrived once the fleet has flushed,
+    /// or the drain time since then is over, or the run is stopped hard.
+    pub fn done(&self, shared: &Shared, flushed_at: &mut Option<Instant>) -> bool {
+        if shared.hard_stop.is_cancelled() {
+            return true;
+        }
+        if !shared.flushed.is_cancelled() {
+            return false;
+        }
+        let since = *flushed_at.get_or_insert_with(Instant::now);
+        self.distinct >= Counters::get(&shared.counters.sent) || since.elapsed() >= shared.settings.drain_timeout
+    }
+}
+
+/// How often a checker looks at whether it is done while nothing arrives.
+pub const CHECK_INTERVAL: Duration = Duration::from_millis(50);

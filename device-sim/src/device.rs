@@ -1,0 +1,330 @@
+//! A virtual device's own behaviour beyond its readings: applying desired changes (upload
+//! settings, sampling, model version) and running its model on its windows with
+//! `twin_core::inference`, as the device would on the edge.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+use twin_core::features::push_window_features;
+use twin_core::inference::{CompiledModel, OutputValues};
+use twin_core::models::Registry;
+use twin_core::scenario::UploadMode;
+use twin_core::stats::WindowAcc;
+use twin_core::time::SimDuration;
+
+use crate::message::Reading;
+use crate::shared::Shared;
+
+/// The model a device runs.
+#[derive(Clone, Debug)]
+pub struct RunningModel {
+    /// Model name.
+    pub name: String,
+    /// Version.
+    pub version: u32,
+    /// sha256 of its file.
+    pub sha256: String,
+    /// The compiled plan.
+    pub compiled: Arc<CompiledModel>,
+}
+
+/// Where a device finds model versions it is asked to run: the scenario's deployed versions,
+/// then the registry beside the scenario (`models/manifest.json`).
+#[derive(Clone, Debug)]
+pub struct ModelSource {
+    /// The registry folder.
+    pub registry_dir: PathBuf,
+}
+
+impl ModelSource {
+    /// The registry folder of a scenario file.
+    pub fn beside(scenario_path: &Path) -> Self {
+        Self {
+            registry_dir: scenario_path.parent().unwrap_or(Path::new(".")).join("models"),
+        }
+    }
+
+    /// Loads `reference` (`name`, `name@3`, `name@champion`) and runs it once on a row of
+    /// zeros.
+    ///
+    /// # Errors
+    /// An unknown model or version, an unreadable or corrupt file, a model that does not run.
+    pub fn load(&self, shared: &Shared, reference: &str) -> Result<RunningModel, String> {
+        if let Some((name, version)) = reference.split_once('@')
+            && let Ok(number) = version.parse::<u32>()
+            && let Some(deployed) = shared
+                .fleet
+                .scenario
+                .models
+                .iter()
+                .find(|m| m.name == name && m.version == number)
+        {
+            return Ok(RunningModel {
+                name: deployed.name.clone(),
+                version: deployed.version,
+                sha256: deployed.sha256.clone(),
+                compiled: deployed.compiled.clone(),
+            });
+        }
+        let manifest = self.registry_dir.join("manifest.json");
+        let text =
+            std::fs::read_to_string(&manifest).map_err(|err| format!("cannot read {}: {err}", manifest.display()))?;
+        let registry =
+            Registry::from_manifest(&manifest.display().to_string(), &text).map_err(|err| err.to_string())?;
+        let entry = registry.resolve(reference).map_err(|err| err.to_string())?;
+        let file = self.registry_dir.join(&entry.file);
+        let bytes = std::fs::read(&file).map_err(|err| format!("cannot read {}: {err}", file.display()))?;
+        let sha256 = twin_core::models::sha256_hex(&bytes);
+        if sha256 != entry.sha256 {
+            return Err(format!(
+                "{} has sha256 {sha256}, the manifest says {}",
+                file.display(),
+                entry.sha256
+            ));
+        }
+        let compiled = CompiledModel::load(&bytes).map_err(|err| err.to_string())?;
+        compiled
+            .run(&vec![0.0; compiled.width()])
+            .map_err(|err| format!("{reference} does not run: {err}"))?;
+        Ok(RunningModel {
+            name: entry.name.clone(),
+            version: entry.version,
+            sha256,
+            compiled: Arc::new(compiled),
+        })
+    }
+}
+
+/// One desired key as the device answered it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KeyOutcome {
+    /// Top-level key.
+    pub key: String,
+    /// HTTP-style status: 200 applied, 400 refused, 500 failed.
+    pub status: i32,
+    /// Why, when not applied.
+    pub description: String,
+}
+
+/// What applying a delta gave: the reported patch (what the device now runs) and one outcome
+/// per key.
+#[derive(Clone, Debug, Default)]
+pub struct Applied {
+    /// Reported merge patch.
+    pub reported: Map<String, Value>,
+    /// Per key.
+    pub outcomes: Vec<KeyOutcome>,
+}
+
+/// Applies a desired delta on device `device`: `upload` (`"raw"`, `"summary"` or
+/// `{ mode, window }`) changes how it sends, `model` (`{ name, version }` or `"name@version"`)
+/// loads and runs that version, anything else (`sampling`, ...) is taken as given. Applied keys
+/// are reported with the desired value, so the delta closes.
+pub fn apply_delta(
+    shared: &Shared,
+    device: u32,
+    delta: &Map<String, Value>,
+    models: &ModelSource,
+    model: &mut Option<RunningModel>,
+) -> Applied {
+    let mut applied = Applied::default();
+    for (key, value) in delta {
+        let result = match key.as_str() {
+            "upload" => apply_upload(shared, device, value),
+            "model" => apply_model(shared, value, models, model).map(|()| {
+                model
+                    .as_ref()
+                    .map(|m| serde_json::json!({"name": m.name, "version": m.version, "sha256": m.sha256}))
+            }),
+            _ => Ok(None),
+        };
+        match result {
+            Ok(reported) => {
+                applied
+                    .reported
+                    .insert(key.clone(), reported.unwrap_or_else(|| value.clone()));
+                applied.outcomes.push(KeyOutcome {
+                    key: key.clone(),
+                    status: 200,
+                    description: String::new(),
+                });
+            }
+            Err((status, description)) => applied.outcomes.push(KeyOutcome {
+                key: key.clone(),
+                status,
+                description,
+            }),
+        }
+    }
+    applied
+}
+
+fn apply_upload(shared: &Shared, device: u32, value: &Value) -> Result<Option<Value>, (i32, String)> {
+    // A delta holds only the leaves that differ: a missing mode is the one the device has.
+    let current = shared
+        .commands
+        .get(device as usize)
+        .and_then(|c| c.current())
+        .unwrap_or(shared.fleet.initial_upload(device).mode);
+    let (mode, window) = match value {
+        Value::String(mode) => (mode.as_str(), None),
+        Value::Object(fields) => (
+            fields.get("mode").and_then(Value::as_str).unwrap_or(current.name()),
+            fields.get("window"),
+        ),
+        _ => return Err((400, "upload: expected \"raw\", \"summary\" or { mode, window }".into())),
+    };
+    let mode = match mode {
+        "raw" => UploadMode::Raw,
+        "summary" => UploadMode::Summary,
+        other => return Err((400, format!("upload.mode: `{other}` is not raw or summary"))),
+    };
+    let window = match window {
+        None => None,
+        Some(Value::Number(seconds)) => Some(
+            SimDuration::from_secs_f64(seconds.as_f64().unwrap_or(-1.0))
+                .map_err(|e| (400, format!("upload.window: {e}")))?,
+        ),
+        Some(Value::String(text)) => Some(SimDuration::parse(text).map_err(|e| (400, format!("upload.window: {e}")))?),
+        Some(_) => return Err((400, "upload.window: expected a duration".into())),
+    };
+    if window.is_some_and(|w| w.0 == 0) {
+        return Err((400, "upload.window: must be longer than 0s".into()));
+    }
+    if let Some(command) = shared.commands.get(device as usize) {
+        command.set(mode, window);
+    }
+    Ok(None)
+}
+
+fn apply_model(
+    shared: &Shared,
+    value: &Value,
+    models: &ModelSource,
+    model: &mut Option<RunningModel>,
+) -> Result<(), (i32, String)> {
+    let reference = match value {
+        Value::String(text) => text.clone(),
+        Value::Object(fields) => {
+            // A delta holds only the leaves that differ: a missing name is the running model's.
+            let running = model.as_ref().map(|m| m.name.as_str()).unwrap_or_default();
+            let name = fields.get("name").and_then(Value::as_str).unwrap_or(running);
+            match fields.get("version") {
+                Some(Value::Number(n)) => format!("{name}@{n}"),
+                Some(Value::String(s)) => format!("{name}@{s}"),
+                _ => name.to_owned(),
+            }
+        }
+        _ => return Err((400, "model: expected \"name@version\" or { name, version }".into())),
+    };
+    let loaded = models.load(shared, &reference);
+    match loaded {
+        Ok(running) => {
+            if let Some(current) = model.as_ref()
+                && current.compiled.width() != running.compiled.width()
+            {
+                return Err((
+                    400,
+                    format!(
+                        "{}@{} takes {} features, the device computes {}",
+                        running.name,
+                        running.version,
+                        running.compiled.width(),
+                        current.compiled.width()
+                    ),
+                ));
+            }
+            *model = Some(running);
+            Ok(())
+        }
+        Err(reason) => Err((500, reason)),
+    }
+}
+
+/// One window's inference, ready to report.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Inference {
+    /// Window start on the device's clock, nanoseconds from the scenario start.
+    pub window_start_nanos: i64,
+    /// Window end (exclusive).
+    pub window_end_nanos: i64,
+    /// The input row.
+    pub features: Vec<f32>,
+    /// The outputs for it, in output order.
+    pub outputs: Vec<f32>,
+}
+
+/// Collects the bound sensor's readings window by window and runs the model on each closed
+/// window's features (twin-core's definition: mean, standard deviation, peak-to-peak per
+/// channel).
+#[derive(Clone, Debug)]
+pub struct WindowInference {
+    /// Index of the bound sensor among the device's sensors.
+    pub slot: u16,
+    /// Window length, nanoseconds.
+    pub window_nanos: i64,
+    window_end: i64,
+    readings: Vec<Reading>,
+}
+
+impl WindowInference {
+    /// Inference on sensor `slot`, windows of `window_nanos`.
+    pub fn new(slot: u16, window_nanos: i64) -> Self {
+        let window_nanos = window_nanos.max(1);
+        Self {
+            slot,
+            window_nanos,
+            window_end: window_nanos,
+            readings: Vec::new(),
+        }
+    }
+
+    /// Takes readings (in time order); returns the inferences of every window they closed.
+    pub fn push(&mut self, readings: &[Reading], model: Option<&RunningModel>) -> Vec<Inference> {
+        let mut done = Vec::new();
+        let slot = self.slot;
+        for reading in readings.iter().filter(|r| r.sensor == slot) {
+            while reading.timestamp_nanos >= self.window_end {
+                if let Some(inference) = self.close(model) {
+                    done.push(inference);
+                }
+                self.window_end += self.window_nanos;
+            }
+            self.readings.push(*reading);
+        }
+        done
+    }
+
+    fn close(&mut self, model: Option<&RunningModel>) -> Option<Inference> {
+        let readings = std::mem::take(&mut self.readings);
+        let model = model?;
+        let first = readings.first()?;
+        let dims = usize::from(first.dims);
+        let mut summaries = Vec::with_capacity(dims);
+        for channel in 0..dims {
+            let values: Vec<f64> = readings.iter().map(|r| r.values[channel]).collect();
+            let mut acc = WindowAcc::default();
+            acc.add_block(&values, values[0]);
+            summaries.push(acc.summary(values[0]));
+        }
+        let mut features = Vec::with_capacity(3 * dims);
+        if !push_window_features(&summaries, &mut features) || features.len() != model.compiled.width() {
+            return None;
+        }
+        let outputs = model.compiled.run(&features).ok()?;
+        let values = outputs
+            .iter()
+            .flat_map(|o| match &o.values {
+                OutputValues::F32(v) => v.clone(),
+                OutputValues::I64(v) => v.iter().map(|&x| x as f32).collect(),
+            })
+            .collect();
+        Some(Inference {
+            window_start_nanos: self.window_end - self.window_nanos,
+            window_end_nanos: self.window_end,
+            features,
+            outputs: values,
+        })
+    }
+}
