@@ -73,6 +73,12 @@ enum Command {
         /// Prometheus endpoint address, overriding the config (default 127.0.0.1:7879).
         #[arg(long)]
         metrics_listen: Option<std::net::SocketAddr>,
+        /// PEM certificate chain: serve TLS (with --tls-key), overriding tls.cert_file.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key of the certificate (with --tls-cert), overriding tls.key_file.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// Print the server's effective configuration as TOML: the compiled-in defaults, or a config
     /// file merged over them.
@@ -225,7 +231,9 @@ fn main() -> ExitCode {
             listen,
             data,
             metrics_listen,
-        } => run_serve(config.as_deref(), listen, data, metrics_listen),
+            tls_cert,
+            tls_key,
+        } => run_serve(config.as_deref(), listen, data, metrics_listen, tls_cert.zip(tls_key)),
         Command::PrintConfig { config } => match load_config(config.as_deref()).and_then(|config| {
             config
                 .to_toml()
@@ -271,6 +279,7 @@ fn run_serve(
     listen: Option<std::net::SocketAddr>,
     data: Option<PathBuf>,
     metrics_listen: Option<std::net::SocketAddr>,
+    tls: Option<(PathBuf, PathBuf)>,
 ) -> u8 {
     let mut config = match load_config(config) {
         Ok(config) => config,
@@ -287,6 +296,10 @@ fn run_serve(
     }
     if let Some(metrics_listen) = metrics_listen {
         config.metrics.listen = metrics_listen;
+    }
+    if let Some((cert_file, key_file)) = tls {
+        config.tls.cert_file = Some(cert_file);
+        config.tls.key_file = Some(key_file);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,

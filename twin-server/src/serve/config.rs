@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::auth::AuthConfig;
 use super::metrics::MetricsConfig;
+use super::tls::TlsConfig;
 use crate::store::StoreOptions;
 use crate::twins::Limits;
 
@@ -48,6 +49,8 @@ pub struct ServeConfig {
     pub auth: AuthConfig,
     /// The Prometheus metrics endpoint.
     pub metrics: MetricsConfig,
+    /// TLS on the gRPC port; no certificate configured: plaintext.
+    pub tls: TlsConfig,
     /// Simulations run by the server.
     pub simulation: SimulationConfig,
     /// The live inference check.
@@ -147,6 +150,7 @@ impl Default for ServeConfig {
             sync: SyncConfig::default(),
             auth: AuthConfig::default(),
             metrics: MetricsConfig::default(),
+            tls: TlsConfig::default(),
             models_dir: PathBuf::from(crate::models::DEFAULT_MODELS_DIR),
             scenario_dir: PathBuf::from("scenarios"),
             simulation: SimulationConfig::default(),
@@ -338,6 +342,9 @@ impl ServeConfig {
                 .check_id("device_id", &device.device_id)
                 .map_err(|error| invalid("auth.devices.device_id", error.to_string()))?;
         }
+        if let Some((missing, present)) = self.tls.incomplete() {
+            return Err(invalid(missing, format!("must be set together with {present}")));
+        }
         Ok(())
     }
 
@@ -346,7 +353,8 @@ impl ServeConfig {
     /// # Errors
     /// Only if serialization fails, which the types here do not allow.
     pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
-        toml::to_string(self)
+        let text = toml::to_string(self)?;
+        Ok(self.tls.annotate(text))
     }
 
     /// The database file: `<data_dir>/twin.redb`.

@@ -13,6 +13,7 @@
 //! - [`config`]: the settings, their defaults and the TOML file.
 //!
 //! - [`metrics`]: Prometheus text on a small HTTP endpoint of its own.
+//! - [`tls`]: rustls on the gRPC port when a certificate is configured.
 //!
 //! [`serve`] takes bound listeners and a shutdown future (tests pass port-0 listeners; only
 //! `main` binds the configured addresses and installs signal handlers).
@@ -30,6 +31,7 @@ pub mod simulation_service;
 pub mod snapshot;
 pub mod sync_service;
 pub mod telemetry_service;
+pub mod tls;
 pub mod twins_service;
 
 use std::future::Future;
@@ -70,6 +72,9 @@ pub enum ServeError {
     /// The gRPC transport failed.
     #[error("grpc transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The TLS settings or files cannot be used.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 /// The sockets the server serves on, bound by the caller.
@@ -104,12 +109,14 @@ pub async fn serve(
 /// committed), and close the store.
 ///
 /// # Errors
-/// When the database cannot be opened, a thread cannot start, or the transport fails.
+/// When the TLS files cannot be used (checked first), the database cannot be opened, a thread
+/// cannot start, or the transport fails.
 pub async fn serve_listeners(
     listeners: Listeners,
     config: ServeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let tls = config.tls.load()?;
     let catalog = Arc::new(ModelCatalog::load(&config.models_dir)?);
     let path = config.database_path();
     let options = config.store_options();
@@ -149,6 +156,7 @@ pub async fn serve_listeners(
     let outcome = run_grpc(
         listeners.grpc,
         &config,
+        tls.as_ref(),
         engine.clone(),
         &shared,
         catalog,
@@ -180,6 +188,7 @@ pub async fn serve_listeners(
 async fn run_grpc(
     listener: TcpListener,
     config: &ServeConfig,
+    tls: Option<&tls::LoadedTls>,
     engine: engine::EngineHandle,
     shared: &Arc<Shared>,
     catalog: Arc<ModelCatalog>,
@@ -226,8 +235,13 @@ async fn run_grpc(
         .build_v1()
         .map_err(|error| ServeError::Start(format!("reflection: {error}")))?;
 
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = tls.apply(builder)?;
+        tracing::info!(cert_file = %tls.cert_file.display(), certificates = tls.chain_len, "tls on");
+    }
     if let Ok(address) = listener.local_addr() {
-        tracing::info!(%address, "serving twin.v1");
+        tracing::info!(%address, tls = tls.is_some(), "serving twin.v1");
     }
     // The first of: the caller's shutdown, or a cancellation from inside.
     let stop = token.clone();
@@ -251,7 +265,7 @@ async fn run_grpc(
         tracing::warn!("no tokens configured: authentication is off");
     }
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let server = tonic::transport::Server::builder()
+    let server = builder
         .add_service(health_service)
         .add_service(reflection)
         .add_service(TwinsServer::with_interceptor(twins, authenticator.operator_only()))

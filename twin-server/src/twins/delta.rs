@@ -62,19 +62,31 @@ pub fn json_equal(left: &Value, right: &Value) -> bool {
 }
 
 fn numbers_equal(left: &Number, right: &Number) -> bool {
-    let as_integer = |number: &Number| {
-        number
-            .as_i64()
-            .map(i128::from)
-            .or_else(|| number.as_u64().map(i128::from))
-    };
-    if let (Some(left), Some(right)) = (as_integer(left), as_integer(right)) {
-        return left == right;
-    }
-    match (left.as_f64(), right.as_f64()) {
+    match (exact_integer(left), exact_integer(right)) {
         (Some(left), Some(right)) => left == right,
-        _ => false,
+        // An integer never equals a float with a fractional part (or beyond i128).
+        (Some(_), None) | (None, Some(_)) => false,
+        (None, None) => left.as_f64() == right.as_f64(),
     }
+}
+
+/// The number's value as an integer, if it is one: integers, and floats with no fractional part
+/// (`1.0`, `-0.0`, `1e20`). Compared exactly, never through `f64`, whose rounding would make
+/// 9007199254740993 equal 9007199254740992.0 (and equality intransitive).
+fn exact_integer(number: &Number) -> Option<i128> {
+    if let Some(integer) = number.as_i64() {
+        return Some(i128::from(integer));
+    }
+    if let Some(integer) = number.as_u64() {
+        return Some(i128::from(integer));
+    }
+    let float = number.as_f64()?;
+    // Below 2^127 in magnitude, a float with no fractional part is an integer i128 holds exactly.
+    const LIMIT: f64 = 1.7e38;
+    if float.fract() == 0.0 && float.abs() < LIMIT {
+        return Some(float as i128);
+    }
+    None
 }
 
 #[cfg(test)]
@@ -107,5 +119,29 @@ mod tests {
         assert!(!json_equal(&json!(1), &json!(1.5)));
         assert!(!json_equal(&json!(u64::MAX), &json!(-1)));
         assert!(!json_equal(&json!("1"), &json!(1)));
+        assert!(json_equal(&json!(0), &json!(-0.0)));
+        assert!(json_equal(&json!(100_000_000_000_000_000_000.0), &json!(1e20)));
+        assert!(!json_equal(&json!(0.5), &json!(0)));
+    }
+
+    /// Found by the `document` fuzz target's exact-equality check: through `f64`, an integer
+    /// beyond 2^53 equalled the nearest float, so equality was not transitive
+    /// (9007199254740993 == 9007199254740992.0 == 9007199254740992 != 9007199254740993) and
+    /// a device reporting the rounded float was taken to have the exact integer.
+    #[test]
+    fn integers_compare_exactly_with_floats() {
+        let exact: Value = serde_json::from_str("9007199254740993").expect("json");
+        let rounded: Value = serde_json::from_str("9007199254740992.0").expect("json");
+        assert!(!json_equal(&exact, &rounded));
+        assert!(json_equal(&json!(9_007_199_254_740_992_u64), &rounded));
+        let max: Value = serde_json::from_str("18446744073709551615").expect("json");
+        let two_to_64: Value = serde_json::from_str("1.8446744073709552e19").expect("json");
+        assert!(!json_equal(&max, &two_to_64));
+        let desired = object(json!({"big": exact}));
+        let reported = object(json!({"big": rounded}));
+        assert_eq!(
+            Value::Object(delta(&desired, &reported)),
+            json!({"big": 9_007_199_254_740_993_u64})
+        );
     }
 }
