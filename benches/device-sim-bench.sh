@@ -18,7 +18,8 @@
 # Environment: ROUNDS (3), SECS (10), MQTT_PORT (1883), NATS_PORT (4222), GRPC_PORT (17878),
 # MQTT_DEVICES (100), MQTT_RATE (open-loop offered rate, 150000/s), NATS_CORE_RATE (400000),
 # JS_RATE (200000), GRPC_SCALE (10: 100 devices x 1 kHz x 10 = 1 M samples/s), CONN_DEVICES
-# (10000), CONN_RATE (2000 connections/s), TARGET_DIR (${CARGO_TARGET_DIR:-target}).
+# (10000), CONN_RATE (2000 connections/s), CONN_MSG_RATE (1000 msgs/s over the 10k connections,
+# open loop, so the run lasts its 30 s), TARGET_DIR (${CARGO_TARGET_DIR:-target}).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -34,6 +35,7 @@ JS_RATE=${JS_RATE:-200000}
 GRPC_SCALE=${GRPC_SCALE:-10}
 CONN_DEVICES=${CONN_DEVICES:-10000}
 CONN_RATE=${CONN_RATE:-2000}
+CONN_MSG_RATE=${CONN_MSG_RATE:-1000}
 TARGET_DIR=${TARGET_DIR:-${CARGO_TARGET_DIR:-target}}
 SECTIONS=("$@")
 [ ${#SECTIONS[@]} -eq 0 ] && SECTIONS=(conns mqtt nats grpc)
@@ -48,7 +50,11 @@ trap cleanup EXIT
 
 # Copies of the release binaries (another build may overwrite target/release mid-run).
 mkdir -p "$TMP/bin"
-for bin in device-sim twin mqtt-baseline; do
+need=(device-sim)
+for section in "${SECTIONS[@]}"; do
+    case $section in mqtt) need+=(mqtt-baseline) ;; grpc) need+=(twin) ;; esac
+done
+for bin in "${need[@]}"; do
     cp "$TARGET_DIR/release/$bin" "$TMP/bin/$bin" || {
         echo "missing $TARGET_DIR/release/$bin: cargo build --release -p device-sim -p twin-server -p twin-benches" >&2
         exit 2
@@ -71,27 +77,27 @@ for pid in $(pgrep -x mosquitto || true); do say "mosquitto pid $pid: $(grep 'Ma
 
 run_conns() {
     say ""
-    say "== conns: one process, $CONN_DEVICES MQTT connections (ramp $CONN_RATE/s), 20 s =="
+    say "== conns: one process, $CONN_DEVICES MQTT connections (ramp $CONN_RATE/s), $CONN_MSG_RATE msgs/s over them, 30 s =="
     say "load before: $(load)"
     local json=$TMP/conns.json
-    "$DS" run scenarios/fleet-10k-hour.toml --devices "$CONN_DEVICES" --duration 20s \
+    "$DS" run scenarios/fleet-10k-hour.toml --devices "$CONN_DEVICES" --duration 30s --rate "$CONN_MSG_RATE" \
         --target "mqtt://127.0.0.1:$MQTT_PORT" --qos 0 --connect-rate "$CONN_RATE" \
         --topic "$TAG/{id}/telemetry" --command-topic "$TAG/{id}/desired" --client-id "$TAG-{id}" \
         --connect-timeout 10s --no-progress --json "$json" >"$TMP/conns.out" 2>"$TMP/conns.err" &
     local pid=$!
-    sleep 12
+    sleep 20
     local established fds
-    established=$(ss -Htn state established "( dport = :$MQTT_PORT )" | wc -l)
-    fds=$(ls /proc/$pid/fd 2>/dev/null | wc -l)
+    established=$(ss -Htn state established "( dport = :$MQTT_PORT )" | wc -l || true)
+    fds=$(ls /proc/$pid/fd 2>/dev/null | wc -l || true)
     local load_mid; load_mid=$(load)
     wait $pid || say "device-sim exited $?"
-    say "established client sockets to :$MQTT_PORT at 12 s: $established (device-sim open fds: $fds); load mid-run: $load_mid"
+    say "established client sockets to :$MQTT_PORT at 20 s: $established (device-sim open fds: $fds); load mid-run: $load_mid"
     jq -c '{devices: .run.devices, connects: .connections.connects, failures: .connections.failures,
             reconnects: .connections.reconnects, rate_per_s: .connections.rate_per_s,
             connect_p50_ms: .connections.latency.p50_ms, connect_p99_ms: .connections.latency.p99_ms,
             sent: .messages.sent, received: .messages.received, lost: .messages.lost, errors: .messages.errors,
             e2e_p99_ms: .e2e.p99_ms, cpu_seconds: .cost.cpu_seconds}' "$json" >&2
-    echo "conns devices=$CONN_DEVICES established_at_12s=$established connects=$(jqf .connections.connects "$json") failures=$(jqf .connections.failures "$json") lost=$(jqf .messages.lost "$json")"
+    echo "conns devices=$CONN_DEVICES established_at_20s=$established connects=$(jqf .connections.connects "$json") failures=$(jqf .connections.failures "$json") lost=$(jqf .messages.lost "$json")"
 }
 
 run_mqtt() {
