@@ -19,7 +19,10 @@ use clap::Parser;
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 
 #[derive(Parser, Debug)]
-#[command(name = "mqtt-baseline", about = "A bare rumqttc QoS 0/1 publish loop, for comparison with device-sim")]
+#[command(
+    name = "mqtt-baseline",
+    about = "A bare rumqttc QoS 0/1 publish loop, for comparison with device-sim"
+)]
 struct Args {
     /// Broker host.
     #[arg(long, default_value = "127.0.0.1")]
@@ -80,7 +83,11 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Arc<Args>) -> anyhow::Result<()> {
-    let qos = if args.qos == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce };
+    let qos = if args.qos == 0 {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
+    };
     let counts = Arc::new(Counts::default());
     let stop = Arc::new(tokio::sync::Notify::new());
     let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
