@@ -35,8 +35,11 @@ const MAX_LANES: usize = 8;
 /// less than 8 x 1 024) every lane could wait for permits the others hold, and publishing
 /// stalled once that many acknowledgements were pending (about 1 000 msgs/s at an offered
 /// 200 000/s).
+/// (At most tokio's semaphore limit, which a larger count would make async-nats panic on.)
 pub fn ack_permits(max_in_flight: usize) -> usize {
-    MAX_LANES.saturating_mul(max_in_flight.max(1))
+    MAX_LANES
+        .saturating_mul(max_in_flight.max(1))
+        .min(tokio::sync::Semaphore::MAX_PERMITS)
 }
 
 /// A connected client, the stream ready, the checker subscribed.
@@ -322,5 +325,6 @@ mod tests {
         // The default --max-in-flight (1024) needs more than async-nats' default 5 000 permits.
         assert!(ack_permits(1024) > 5_000);
         assert_eq!(ack_permits(0), MAX_LANES);
+        assert_eq!(ack_permits(usize::MAX), tokio::sync::Semaphore::MAX_PERMITS);
     }
 }
