@@ -28,6 +28,20 @@ const LANE_CAPACITY: usize = 8192;
 /// Most publishing lanes.
 const MAX_LANES: usize = 8;
 
+/// Publish-acknowledgement permits of the JetStream context: one for every publish the lanes
+/// may have waiting (`MAX_LANES` x `--max-in-flight`). async-nats holds a permit until the
+/// acknowledgement future is polled to completion and makes `publish` wait for one; a lane
+/// waiting there does not poll its own futures, so with fewer permits (its default is 5 000,
+/// less than 8 x 1 024) every lane could wait for permits the others hold, and publishing
+/// stalled once that many acknowledgements were pending (about 1 000 msgs/s at an offered
+/// 200 000/s).
+/// (At most tokio's semaphore limit, which a larger count would make async-nats panic on.)
+pub fn ack_permits(max_in_flight: usize) -> usize {
+    MAX_LANES
+        .saturating_mul(max_in_flight.max(1))
+        .min(tokio::sync::Semaphore::MAX_PERMITS)
+}
+
 /// A connected client, the stream ready, the checker subscribed.
 pub struct Prepared {
     client: async_nats::Client,
@@ -85,7 +99,9 @@ pub async fn prepare(settings: &TransportSettings) -> Result<Prepared, RunError>
             connect_latency,
         });
     };
-    let context = jetstream::new(client.clone());
+    let context = jetstream::ContextBuilder::new()
+        .max_ack_inflight(ack_permits(settings.max_in_flight))
+        .build(client.clone());
     let stream = if settings.create_stream {
         context
             .get_or_create_stream(stream::Config {
@@ -295,4 +311,20 @@ pub async fn delete_stream(settings: &TransportSettings) -> Result<(), String> {
         .await
         .map(|_| ())
         .map_err(|err| format!("cannot delete stream `{name}`: {err}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{MAX_LANES, ack_permits};
+
+    #[test]
+    fn every_lane_can_fill_its_in_flight_window_without_waiting_for_a_permit() {
+        for max_in_flight in [1, 1024, 4096] {
+            assert!(ack_permits(max_in_flight) >= MAX_LANES * max_in_flight);
+        }
+        // The default --max-in-flight (1024) needs more than async-nats' default 5 000 permits.
+        assert!(ack_permits(1024) > 5_000);
+        assert_eq!(ack_permits(0), MAX_LANES);
+        assert_eq!(ack_permits(usize::MAX), tokio::sync::Semaphore::MAX_PERMITS);
+    }
 }
