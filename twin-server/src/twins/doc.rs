@@ -503,14 +503,9 @@ impl Twin {
 
         // Everything that can be refused was checked; what follows only encodes our own values.
         let touched = touched_keys(patch, &previous);
-        let encoded = |part: Part, result: Result<Vec<u8>, PackError>| {
-            result
-                .map(|bytes| (part, bytes))
-                .map_err(|error| pack_failed(&self.id, &error))
-        };
         let mut changes = vec![
-            encoded(section_part(section), encode(section_part(section), &merged))?,
-            encoded(metadata_part, encode_metadata(metadata_part, &merged_metadata))?,
+            change(&self.id, section_part(section), &merged)?,
+            metadata_change(&self.id, metadata_part, &merged_metadata)?,
         ];
         let notify = match section {
             Section::Desired => {
@@ -529,17 +524,11 @@ impl Twin {
                     stamp.server,
                 );
                 if acknowledgements.len() != before.1 {
-                    changes.push(encoded(
-                        Part::Acknowledgements,
-                        encode(Part::Acknowledgements, &acknowledgements),
-                    )?);
+                    changes.push(change(&self.id, Part::Acknowledgements, &acknowledgements)?);
                 }
                 let reconciliation_changed = reconciliation != before.0;
                 if reconciliation_changed {
-                    changes.push(encoded(
-                        Part::Reconciliation,
-                        encode(Part::Reconciliation, &reconciliation),
-                    )?);
+                    changes.push(change(&self.id, Part::Reconciliation, &reconciliation)?);
                 }
                 let delta = delta(&merged, &reported);
                 self.repack(&changes, reconciliation_changed.then_some(&reconciliation))?;
@@ -560,10 +549,7 @@ impl Twin {
                 );
                 let reconciliation_changed = reconciliation != before;
                 if reconciliation_changed {
-                    changes.push(encoded(
-                        Part::Reconciliation,
-                        encode(Part::Reconciliation, &reconciliation),
-                    )?);
+                    changes.push(change(&self.id, Part::Reconciliation, &reconciliation)?);
                 }
                 let delta = delta(&desired, &merged);
                 self.repack(&changes, reconciliation_changed.then_some(&reconciliation))?;
@@ -664,17 +650,9 @@ impl Twin {
                 AckMeaning::DeviceInitiated => {}
             }
         }
-        let pack = |part: Part, result: Result<Vec<u8>, PackError>| {
-            result
-                .map(|bytes| (part, bytes))
-                .map_err(|error| pack_failed(&self.id, &error))
-        };
         let changes = [
-            pack(
-                Part::Acknowledgements,
-                encode(Part::Acknowledgements, &acknowledgements),
-            )?,
-            pack(Part::Reconciliation, encode(Part::Reconciliation, &reconciliation))?,
+            change(&self.id, Part::Acknowledgements, &acknowledgements)?,
+            change(&self.id, Part::Reconciliation, &reconciliation)?,
         ];
         self.repack(&changes, Some(&reconciliation))?;
         self.version = version;
@@ -768,6 +746,20 @@ fn section_metadata_part(section: Section) -> Part {
         Section::Reported => Part::ReportedMetadata,
         Section::Tags => Part::TagsMetadata,
     }
+}
+
+/// A part's new encoding, for [`Packed::replace`].
+fn change<T: Serialize + ?Sized>(twin_id: &str, part: Part, value: &T) -> Result<(Part, Vec<u8>), TwinError> {
+    encode(part, value)
+        .map(|bytes| (part, bytes))
+        .map_err(|error| pack_failed(twin_id, &error))
+}
+
+/// A metadata part's new encoding, for [`Packed::replace`].
+fn metadata_change(twin_id: &str, part: Part, node: &MetadataNode) -> Result<(Part, Vec<u8>), TwinError> {
+    encode_metadata(part, node)
+        .map(|bytes| (part, bytes))
+        .map_err(|error| pack_failed(twin_id, &error))
 }
 
 /// Encoding our own values failed (a value MessagePack cannot hold): refused, nothing changed.
