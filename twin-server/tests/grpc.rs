@@ -1,93 +1,23 @@
 //! Black-box tests of `twin serve` over real gRPC: a server started in-process on a port-0
 //! listener on 127.0.0.1, called with the generated tonic clients.
 
-use std::path::Path;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 use tonic_types::StatusExt;
 use twin_proto::v1 as pb;
-use twin_proto::v1::device_sync_client::DeviceSyncClient;
-use twin_proto::v1::telemetry_client::TelemetryClient;
 use twin_proto::v1::twins_client::TwinsClient;
-use twin_server::serve::{Listeners, ServeConfig, ServeError, serve_listeners};
 
 /// Longest wait for any one message; a test that needs longer has failed.
 const PATIENCE: Duration = Duration::from_secs(10);
 
-struct Server {
-    address: std::net::SocketAddr,
-    metrics: std::net::SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), ServeError>>,
-}
+mod common;
 
-impl Server {
-    async fn start(data: &Path) -> Server {
-        Server::start_with(data, |_| {}).await
-    }
-
-    async fn start_with(data: &Path, adjust: impl FnOnce(&mut ServeConfig)) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let address = listener.local_addr().expect("address");
-        let metrics_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind metrics");
-        let metrics = metrics_listener.local_addr().expect("metrics address");
-        let mut config = ServeConfig {
-            listen: address,
-            data_dir: data.to_owned(),
-            ..ServeConfig::default()
-        };
-        adjust(&mut config);
-        let (stop, stopped) = oneshot::channel::<()>();
-        let listeners = Listeners {
-            grpc: listener,
-            metrics: Some(metrics_listener),
-        };
-        let task = tokio::spawn(serve_listeners(listeners, config, async {
-            let _ = stopped.await;
-        }));
-        Server {
-            address,
-            metrics,
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    async fn channel(&self) -> Channel {
-        tonic::transport::Endpoint::from_shared(format!("http://{}", self.address))
-            .expect("endpoint")
-            .connect()
-            .await
-            .expect("connect")
-    }
-
-    async fn twins(&self) -> TwinsClient<Channel> {
-        TwinsClient::new(self.channel().await)
-    }
-
-    async fn sync(&self) -> DeviceSyncClient<Channel> {
-        DeviceSyncClient::new(self.channel().await)
-    }
-
-    /// Stops the server and waits until it has closed its store.
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        tokio::time::timeout(PATIENCE, &mut self.task)
-            .await
-            .expect("server stops in time")
-            .expect("server task")
-            .expect("server result");
-    }
-}
+use common::Server;
 
 fn create(id: &str, group: &str, desired: &str, tags: &str) -> pb::CreateTwinRequest {
     pb::CreateTwinRequest {
@@ -1348,7 +1278,7 @@ async fn telemetry_ingest_counts_exact_samples_and_describes_rejected_batches() 
     for id in ["gw-dev-1", "gw-dev-2"] {
         twins.create_twin(create(id, "", "", "")).await.expect("create");
     }
-    let mut telemetry = TelemetryClient::new(server.channel().await);
+    let mut telemetry = server.telemetry().await;
 
     // 0: 100 x 3 = 300, 1: 50 x 1 = 50, 2: unknown device, 3: a short channel,
     // 4: a NaN, 5: no stamp, 6: 10 x 2 = 20.
@@ -1436,7 +1366,7 @@ async fn a_telemetry_watcher_gets_a_notice_per_accepted_batch_of_the_twins_it_ma
         next(&mut notices).await.expect("started").event,
         Some(pb::watch_response::Event::Started(_))
     ));
-    let mut telemetry = TelemetryClient::new(server.channel().await);
+    let mut telemetry = server.telemetry().await;
     telemetry
         .ingest_batch(telemetry_batch("tw-2", 1, 2, 1))
         .await
@@ -1474,7 +1404,7 @@ async fn telemetry_ingest_batch_answers_one_batch_or_fails_with_the_field_path()
     let server = Server::start(data.path()).await;
     let mut twins = server.twins().await;
     twins.create_twin(create("gw-dev-1", "", "", "")).await.expect("create");
-    let mut telemetry = TelemetryClient::new(server.channel().await);
+    let mut telemetry = server.telemetry().await;
 
     let summary = telemetry
         .ingest_batch(telemetry_batch("gw-dev-1", 1, 7, 3))
@@ -1563,7 +1493,7 @@ async fn telemetry_needs_an_operator_token() {
         .create_twin(with_token(create("cam-1", "", "", ""), "op-secret"))
         .await
         .expect("operator creates");
-    let mut telemetry = TelemetryClient::new(server.channel().await);
+    let mut telemetry = server.telemetry().await;
 
     let anonymous = telemetry
         .ingest_batch(telemetry_batch("cam-1", 1, 1, 1))
@@ -1605,7 +1535,7 @@ async fn an_open_ingest_stream_ends_unavailable_at_shutdown_without_holding_the_
     let server = Server::start_with(data.path(), |config| config.shutdown_grace_ms = 60_000).await;
     let mut twins = server.twins().await;
     twins.create_twin(create("gw-dev-1", "", "", "")).await.expect("create");
-    let mut telemetry = TelemetryClient::new(server.channel().await);
+    let mut telemetry = server.telemetry().await;
     let (outbox, receiver) = mpsc::channel(1);
     outbox
         .send(telemetry_batch("gw-dev-1", 1, 10, 1))

@@ -2,13 +2,10 @@
 //! over real gRPC: a server started in-process on a port-0 listener on 127.0.0.1, with the
 //! shipped model registry (`scenarios/models`) and scenario folder (`scenarios`).
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
@@ -17,94 +14,15 @@ use twin_core::LoadOptions;
 use twin_core::inference::{CompiledModel, OutputValues};
 use twin_proto::v1 as pb;
 use twin_proto::v1::device_sync_client::DeviceSyncClient;
-use twin_proto::v1::models_client::ModelsClient;
 use twin_proto::v1::simulation_client::SimulationClient;
 use twin_proto::v1::twins_client::TwinsClient;
-use twin_server::serve::{Listeners, ServeConfig, ServeError, serve_listeners};
 
 /// Longest wait for any one message; a test that needs longer has failed.
 const PATIENCE: Duration = Duration::from_secs(60);
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
+mod common;
 
-struct Server {
-    address: std::net::SocketAddr,
-    metrics: std::net::SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), ServeError>>,
-}
-
-impl Server {
-    async fn start(data: &Path) -> Server {
-        Server::start_with(data, |_| {}).await
-    }
-
-    async fn start_with(data: &Path, adjust: impl FnOnce(&mut ServeConfig)) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let address = listener.local_addr().expect("address");
-        let metrics_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind metrics");
-        let metrics = metrics_listener.local_addr().expect("metrics address");
-        let mut config = ServeConfig {
-            listen: address,
-            data_dir: data.to_owned(),
-            models_dir: workspace().join("scenarios/models"),
-            scenario_dir: workspace().join("scenarios"),
-            ..ServeConfig::default()
-        };
-        adjust(&mut config);
-        let (stop, stopped) = oneshot::channel::<()>();
-        let listeners = Listeners {
-            grpc: listener,
-            metrics: Some(metrics_listener),
-        };
-        let task = tokio::spawn(serve_listeners(listeners, config, async {
-            let _ = stopped.await;
-        }));
-        Server {
-            address,
-            metrics,
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    async fn channel(&self) -> Channel {
-        tonic::transport::Endpoint::from_shared(format!("http://{}", self.address))
-            .expect("endpoint")
-            .connect()
-            .await
-            .expect("connect")
-    }
-
-    async fn twins(&self) -> TwinsClient<Channel> {
-        TwinsClient::new(self.channel().await)
-    }
-
-    async fn models(&self) -> ModelsClient<Channel> {
-        ModelsClient::new(self.channel().await)
-    }
-
-    async fn simulation(&self) -> SimulationClient<Channel> {
-        SimulationClient::new(self.channel().await)
-    }
-
-    /// Stops the server and waits until it has closed its store.
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        tokio::time::timeout(PATIENCE, &mut self.task)
-            .await
-            .expect("server stops in time")
-            .expect("server task")
-            .expect("server result");
-    }
-}
+use common::{Server, workspace};
 
 async fn next<T>(stream: &mut Streaming<T>) -> Result<T, Status> {
     match tokio::time::timeout(PATIENCE, stream.message()).await {
