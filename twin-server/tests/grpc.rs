@@ -366,6 +366,124 @@ async fn a_wrong_expected_version_is_aborted_with_the_current_version_and_one_of
     server.stop().await;
 }
 
+/// The status an item of a batch carries, rebuilt as a unary call's status.
+fn item_status(result: &pb::UpdateDesiredResult) -> Option<Status> {
+    match &result.outcome {
+        Some(pb::update_desired_result::Outcome::Error(error)) => Some(Status::with_details(
+            Code::from(error.code),
+            error.message.clone(),
+            error.details.clone().into(),
+        )),
+        _ => None,
+    }
+}
+
+fn item_applied(result: &pb::UpdateDesiredResult) -> &pb::UpdateDesiredResponse {
+    match &result.outcome {
+        Some(pb::update_desired_result::Outcome::Applied(applied)) => applied,
+        other => panic!("expected an applied update, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_batch_applies_each_update_on_its_own_in_order_with_per_item_errors() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(data.path()).await;
+    let mut twins = server.twins().await;
+    let mut device = Device::connect(&server, hello("dev-1", 0)).await.expect("connect");
+    let connected = device.delta().await;
+    assert_eq!(connected.version, 1);
+    twins.create_twin(create("dev-2", "", "", "")).await.expect("create");
+    let mut stream = watch(&server, None, None).await.expect("watch");
+    match next(&mut stream).await.expect("started").event {
+        Some(pb::watch_response::Event::Started(started)) => assert_eq!(started.revision, 2),
+        other => panic!("expected started, got {other:?}"),
+    }
+
+    let response = twins
+        .update_desired_batch(pb::UpdateDesiredBatchRequest {
+            updates: vec![
+                desired("dev-1", r#"{"a": 1}"#, None),
+                desired("dev-2", "{", None),
+                desired("dev-9", "{}", None),
+                desired("dev-1", r#"{"a": 2}"#, Some(1)),
+                desired("dev-1", r#"{"b": 3}"#, Some(2)),
+                desired("dev-2", r#"{"c": 4}"#, Some(1)),
+            ],
+        })
+        .await
+        .expect("batch")
+        .into_inner();
+    assert_eq!(response.results.len(), 6);
+    let first = item_applied(&response.results[0]);
+    assert!(!first.delta_empty);
+    assert_eq!(first.version, 2);
+    let bad = item_status(&response.results[1]).expect("a bad patch is refused");
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert!(bad.message().starts_with("updates[1].patch_json"), "{}", bad.message());
+    let violations = bad.get_details_bad_request().expect("bad request").field_violations;
+    assert_eq!(violations[0].field, "updates[1].patch_json");
+    let missing = item_status(&response.results[2]).expect("an unknown twin is refused");
+    assert_eq!(missing.code(), Code::NotFound);
+    assert!(missing.message().contains("dev-9"), "{}", missing.message());
+    let conflict = item_status(&response.results[3]).expect("a stale version is refused");
+    assert_eq!(conflict.code(), Code::Aborted);
+    let info = conflict.get_details_error_info().expect("error info");
+    assert_eq!(info.metadata.get("current_version").map(String::as_str), Some("2"));
+    // Later updates of the same twin see the earlier ones of the batch.
+    let third = item_applied(&response.results[4]);
+    assert_eq!(third.version, 3);
+    assert_eq!(third.revision, first.revision + 1);
+    let other = item_applied(&response.results[5]);
+    assert_eq!((other.version, other.revision), (2, first.revision + 2));
+
+    // Each accepted update is a change of its own: on the Watch stream, in order, and as a
+    // delta on the device's stream.
+    let changes = [
+        next_change(&mut stream).await,
+        next_change(&mut stream).await,
+        next_change(&mut stream).await,
+    ];
+    let seen: Vec<(&str, u64, u64)> = changes
+        .iter()
+        .map(|change| (change.device_id.as_str(), change.version, change.revision))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("dev-1", 2, first.revision),
+            ("dev-1", 3, first.revision + 1),
+            ("dev-2", 2, first.revision + 2),
+        ]
+    );
+    assert_eq!(json(&changes[1].patch_json), json(r#"{"b": 3}"#));
+    let pushed = [device.delta().await, device.delta().await];
+    assert_eq!(
+        (pushed[0].version, json(&pushed[0].delta_json)),
+        (2, json(r#"{"a": 1}"#))
+    );
+    assert_eq!(
+        (pushed[1].version, json(&pushed[1].delta_json)),
+        (3, json(r#"{"a": 1, "b": 3}"#))
+    );
+    let twin = get(&mut twins, "dev-2").await.expect("get");
+    assert_eq!((twin.version, json(&twin.desired_json)), (2, json(r#"{"c": 4}"#)));
+
+    // A call with no update, or with more than 1000, is refused whole and changes nothing.
+    for count in [0, 1001] {
+        let refused = twins
+            .update_desired_batch(pb::UpdateDesiredBatchRequest {
+                updates: (0..count).map(|_| desired("dev-2", r#"{"c": 5}"#, None)).collect(),
+            })
+            .await
+            .expect_err("refused");
+        assert_eq!(refused.code(), Code::InvalidArgument);
+        assert!(refused.message().starts_with("updates:"), "{}", refused.message());
+    }
+    assert_eq!(get(&mut twins, "dev-2").await.expect("get").version, 2);
+    server.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // DeviceSync
 

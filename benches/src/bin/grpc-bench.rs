@@ -7,14 +7,15 @@
 //! target/release/grpc-bench memory --twin-bin target/release/twin --twins 1000000
 //! ```
 //!
-//! - `updates`: durable `UpdateDesired` calls per second from `--in-flight` concurrent callers
+//! - `updates`: durable desired updates per second from `--in-flight` concurrent callers
 //!   over `--connections` HTTP/2 connections, side by side in one run: the server with its
-//!   default group commit, the same server configured to commit each update on its own
-//!   (`engine.max_round = 1`, `engine.max_in_flight = 1`, `store.max_batch = 1`), and, with
-//!   `--postgres`, the same updates against PostgreSQL (a JSONB row per twin, one
-//!   `UPDATE ... RETURNING` per update in autocommit, so each is durable before it returns,
-//!   from the same number of concurrent connections). Medians of `--runs` rounds, the modes
-//!   interleaved in each round.
+//!   default group commit called with `UpdateDesired` (one update per call) and with
+//!   `UpdateDesiredBatch` (`--batch` updates per call), the same server configured to commit
+//!   each update on its own (`engine.max_round = 1`, `engine.max_in_flight = 1`,
+//!   `store.max_batch = 1`), and, with `--postgres`, the same updates against PostgreSQL (a
+//!   JSONB row per twin, one `UPDATE ... RETURNING` per update, in autocommit, and `--batch` of
+//!   them in one transaction, so each is durable before it returns, from the same number of
+//!   concurrent connections). Medians of `--runs` rounds, the modes interleaved in each round.
 //! - `delta-latency`: `--devices` devices each hold a `DeviceSync` stream; an operator sends
 //!   `UpdateDesired` open loop at `--rate` per second (update `k` is due at `k / rate`, sent on
 //!   its own task when due whatever the earlier ones are doing, so a slow server is not hidden:
@@ -42,6 +43,10 @@ use twin_proto::v1 as pb;
 use twin_proto::v1::device_sync_client::DeviceSyncClient;
 use twin_proto::v1::twins_client::TwinsClient;
 use twin_server::serve::{ServeConfig, serve};
+
+/// The allocator of the `twin` binary, so the in-process server runs as `twin serve` does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// The live twin server measured through its gRPC API.
 #[derive(Parser, Debug)]
@@ -86,6 +91,14 @@ struct UpdatesArgs {
     /// A PostgreSQL connection string (tokio-postgres format); omitted: no PostgreSQL run.
     #[arg(long)]
     postgres: Option<String>,
+    /// Updates per UpdateDesiredBatch call (and per PostgreSQL transaction) in the batched
+    /// runs; 0 or 1: no batched runs.
+    #[arg(long, default_value_t = 100)]
+    batch: u64,
+    /// Skip the twin's unary (UpdateDesired, group commit) runs, e.g. to profile the batched
+    /// path alone.
+    #[arg(long)]
+    skip_unary: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -250,29 +263,54 @@ async fn create_twins(channels: &[Channel], count: u64, in_flight: u64, document
 // ---------------------------------------------------------------------------------------------
 // updates
 
-/// `updates` durable UpdateDesired calls from `in_flight` callers; updates per second.
-async fn grpc_updates(channels: &[Channel], twins: u64, updates: u64, in_flight: u64, round: u64) -> Result<f64> {
+/// Update `index` of a run: the twin it changes and its patch.
+fn update_request(index: u64, twins: u64, round: u64) -> pb::UpdateDesiredRequest {
+    pb::UpdateDesiredRequest {
+        device_id: device_id(index % twins),
+        patch_json: format!(r#"{{"setpoint":{index},"round":{round}}}"#),
+        expected_version: None,
+    }
+}
+
+/// `updates` durable desired updates from `in_flight` callers, each call one UpdateDesired
+/// (`batch` <= 1) or one UpdateDesiredBatch of `batch` updates; updates per second.
+async fn grpc_updates(
+    channels: &[Channel],
+    twins: u64,
+    updates: u64,
+    in_flight: u64,
+    batch: u64,
+    round: u64,
+) -> Result<f64> {
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
+    let batch = batch.max(1);
     for caller in 0..in_flight.max(1) {
         let mut client = TwinsClient::new(channels[(caller as usize) % channels.len()].clone());
         let next = Arc::clone(&next);
         tasks.spawn(async move {
             let mut done = 0u64;
             loop {
-                let index = next.fetch_add(1, Ordering::Relaxed);
-                if index >= updates {
+                let first = next.fetch_add(batch, Ordering::Relaxed);
+                if first >= updates {
                     return Ok::<u64, tonic::Status>(done);
                 }
-                client
-                    .update_desired(pb::UpdateDesiredRequest {
-                        device_id: device_id(index % twins),
-                        patch_json: format!(r#"{{"setpoint":{index},"round":{round}}}"#),
-                        expected_version: None,
-                    })
-                    .await?;
-                done += 1;
+                let last = (first + batch).min(updates);
+                if batch == 1 {
+                    client.update_desired(update_request(first, twins, round)).await?;
+                } else {
+                    let request = pb::UpdateDesiredBatchRequest {
+                        updates: (first..last).map(|index| update_request(index, twins, round)).collect(),
+                    };
+                    let response = client.update_desired_batch(request).await?.into_inner();
+                    for result in response.results {
+                        if let Some(pb::update_desired_result::Outcome::Error(error)) = result.outcome {
+                            return Err(tonic::Status::new(tonic::Code::from(error.code), error.message));
+                        }
+                    }
+                }
+                done += last - first;
             }
         });
     }
@@ -338,10 +376,13 @@ impl Postgres {
         Ok(Postgres { clients })
     }
 
-    async fn updates(&self, twins: u64, updates: u64, round: u64) -> Result<f64> {
+    /// `updates` updates from one task per connection, each `UPDATE` in autocommit
+    /// (`batch` <= 1) or `batch` of them, one after the other, in one transaction.
+    async fn updates(&self, twins: u64, updates: u64, batch: u64, round: u64) -> Result<f64> {
         let next = Arc::new(AtomicU64::new(0));
         let started = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
+        let batch = batch.max(1);
         for client in &self.clients {
             let client = Arc::clone(client);
             let next = Arc::clone(&next);
@@ -354,15 +395,30 @@ impl Postgres {
                     .await?;
                 let mut done = 0u64;
                 loop {
-                    let index = next.fetch_add(1, Ordering::Relaxed);
-                    if index >= updates {
+                    let first = next.fetch_add(batch, Ordering::Relaxed);
+                    if first >= updates {
                         return Ok::<u64, tokio_postgres::Error>(done);
                     }
-                    let id = device_id(index % twins);
-                    let patch = format!(r#"{{"setpoint":{index},"round":{round}}}"#);
-                    let row = client.query_one(&statement, &[&id, &patch]).await?;
-                    let _version: i64 = row.get(0);
-                    done += 1;
+                    let last = (first + batch).min(updates);
+                    let update = |index: u64| {
+                        let id = device_id(index % twins);
+                        let patch = format!(r#"{{"setpoint":{index},"round":{round}}}"#);
+                        (id, patch)
+                    };
+                    if batch == 1 {
+                        let (id, patch) = update(first);
+                        let row = client.query_one(&statement, &[&id, &patch]).await?;
+                        let _version: i64 = row.get(0);
+                    } else {
+                        client.batch_execute("BEGIN").await?;
+                        for index in first..last {
+                            let (id, patch) = update(index);
+                            let row = client.query_one(&statement, &[&id, &patch]).await?;
+                            let _version: i64 = row.get(0);
+                        }
+                        client.batch_execute("COMMIT").await?;
+                    }
+                    done += last - first;
                 }
             });
         }
@@ -401,35 +457,44 @@ async fn updates_bench(args: UpdatesArgs) -> Result<()> {
         Some(config) => Some(Postgres::connect(config, args.in_flight, args.twins).await?),
         None => None,
     };
+    let batched = args.batch > 1;
 
-    let (mut grouped_rates, mut single_rates, mut postgres_rates) = (Vec::new(), Vec::new(), Vec::new());
+    // Medians per mode: twin unary, twin batched, twin one by one, PostgreSQL autocommit,
+    // PostgreSQL transactions of `batch`.
+    let mut rates: [Vec<f64>; 5] = Default::default();
     for round in 0..args.runs {
         let round_number = round as u64;
-        let grouped_rate = grpc_updates(
-            &grouped_channels,
-            args.twins,
-            args.updates,
-            args.in_flight,
-            round_number,
-        )
-        .await?;
-        let single_rate = grpc_updates(
-            &single_channels,
-            args.twins,
-            args.single_updates,
-            args.in_flight,
-            round_number,
-        )
-        .await?;
-        let mut line = format!("round {round}: group commit {grouped_rate:.0}/s, one by one {single_rate:.0}/s");
+        let (twins, updates, in_flight) = (args.twins, args.updates, args.in_flight);
+        let mut line = format!("round {round}:");
+        if !args.skip_unary {
+            let unary = grpc_updates(&grouped_channels, twins, updates, in_flight, 1, round_number).await?;
+            line.push_str(&format!(" group commit {unary:.0}/s"));
+            rates[0].push(unary);
+        }
+        if batched {
+            let batch = grpc_updates(&grouped_channels, twins, updates, in_flight, args.batch, round_number).await?;
+            line.push_str(&format!(", batches of {} {batch:.0}/s", args.batch));
+            rates[1].push(batch);
+        }
+        let single = grpc_updates(&single_channels, twins, args.single_updates, in_flight, 1, round_number).await?;
+        line.push_str(&format!(", one by one {single:.0}/s"));
+        rates[2].push(single);
         if let Some(postgres) = &postgres {
-            let rate = postgres.updates(args.twins, args.updates, round_number).await?;
-            line.push_str(&format!(", PostgreSQL {rate:.0}/s"));
-            postgres_rates.push(rate);
+            if !args.skip_unary {
+                let autocommit = postgres.updates(twins, updates, 1, round_number).await?;
+                line.push_str(&format!(", PostgreSQL autocommit {autocommit:.0}/s"));
+                rates[3].push(autocommit);
+            }
+            if batched {
+                let transactions = postgres.updates(twins, updates, args.batch, round_number).await?;
+                line.push_str(&format!(
+                    ", PostgreSQL transactions of {} {transactions:.0}/s",
+                    args.batch
+                ));
+                rates[4].push(transactions);
+            }
         }
         eprintln!("{line}");
-        grouped_rates.push(grouped_rate);
-        single_rates.push(single_rate);
     }
     if let Some(postgres) = &postgres {
         postgres.drop_table().await?;
@@ -437,23 +502,42 @@ async fn updates_bench(args: UpdatesArgs) -> Result<()> {
     grouped.stop().await?;
     single.stop().await?;
 
-    let (grouped_rate, single_rate) = (median(grouped_rates), median(single_rates));
+    let [unary, batch, single, autocommit, transactions] =
+        rates.map(|rates| (!rates.is_empty()).then(|| median(rates)));
+    let single = single.unwrap_or_default();
     let mut summary = format!(
-        "{} twins, {} callers over {} connections | group commit {:.0} updates/s | one by one {:.0} updates/s | ratio {:.1}x",
-        args.twins,
-        args.in_flight,
-        args.connections,
-        grouped_rate,
-        single_rate,
-        grouped_rate / single_rate
+        "{} twins, {} callers over {} connections | one by one {:.0} updates/s",
+        args.twins, args.in_flight, args.connections, single
     );
-    if !postgres_rates.is_empty() {
-        let postgres_rate = median(postgres_rates);
+    if let Some(unary) = unary {
         summary.push_str(&format!(
-            " | PostgreSQL JSONB {:.0} updates/s ({} connections) | twin/PostgreSQL {:.2}x",
-            postgres_rate,
+            " | UpdateDesired, group commit {:.0} updates/s | ratio {:.1}x",
+            unary,
+            unary / single
+        ));
+    }
+    if let Some(batch) = batch {
+        summary.push_str(&format!(
+            " | UpdateDesiredBatch of {}, group commit {:.0} updates/s | ratio to one by one {:.1}x",
+            args.batch,
+            batch,
+            batch / single
+        ));
+    }
+    if let (Some(unary), Some(autocommit)) = (unary, autocommit) {
+        summary.push_str(&format!(
+            " | PostgreSQL JSONB autocommit {:.0} updates/s ({} connections) | twin unary/PostgreSQL {:.2}x",
+            autocommit,
             args.in_flight,
-            grouped_rate / postgres_rate
+            unary / autocommit
+        ));
+    }
+    if let (Some(batch), Some(transactions)) = (batch, transactions) {
+        summary.push_str(&format!(
+            " | PostgreSQL JSONB transactions of {} {:.0} updates/s | twin batch/PostgreSQL batch {:.2}x",
+            args.batch,
+            transactions,
+            batch / transactions
         ));
     }
     println!("{summary} (medians of {} rounds)", args.runs);

@@ -94,7 +94,8 @@ pub struct EngineConfig {
     /// Commands waiting for the engine; when full, calls fail with RESOURCE_EXHAUSTED
     /// (default 8192).
     pub queue_capacity: usize,
-    /// The most commands applied before one durable commit (default 4096).
+    /// The most changes applied before one durable commit: a command counts one, an
+    /// UpdateDesiredBatch call its updates (default 4096).
     pub max_round: usize,
     /// Rounds whose commit may be in flight at once: the engine applies the next round while
     /// the previous ones commit (default 4; 1 waits for each commit before the next round).

@@ -197,22 +197,35 @@ pub fn reconciliation_state(state: twins::ReconciliationState) -> pb::Reconcilia
     }
 }
 
-/// One key's reconciliation, with its last acknowledgement.
-pub fn key_reconciliation(twin: &Twin, key: &str, entry: &Reconciliation) -> pb::KeyReconciliation {
-    let last_ack = twin.acknowledgements().get(key).map(|ack| pb::DesiredAck {
-        key: key.to_owned(),
-        status_code: i32::from(ack.status),
-        acknowledged_version: ack.version,
-        description: ack.description.clone(),
-    });
-    pb::KeyReconciliation {
-        key: key.to_owned(),
-        state: reconciliation_state(entry.state) as i32,
-        desired_version: entry.desired_version,
-        last_ack,
-        pending_since: Some(timestamp(entry.pending_since)),
-        resolved_at: entry.resolved_at.map(timestamp),
+/// Reconciliation entries of `twin` as messages, each with its key's last acknowledgement (the
+/// acknowledgements are decoded once, and only when there is an entry).
+pub fn key_reconciliations<'a>(
+    twin: &Twin,
+    entries: impl IntoIterator<Item = (&'a String, &'a Reconciliation)>,
+) -> Vec<pb::KeyReconciliation> {
+    let mut entries = entries.into_iter().peekable();
+    if entries.peek().is_none() {
+        return Vec::new();
     }
+    let acknowledgements = twin.acknowledgements();
+    entries
+        .map(|(key, entry)| {
+            let last_ack = acknowledgements.get(key).map(|ack| pb::DesiredAck {
+                key: key.clone(),
+                status_code: i32::from(ack.status),
+                acknowledged_version: ack.version,
+                description: ack.description.clone(),
+            });
+            pb::KeyReconciliation {
+                key: key.clone(),
+                state: reconciliation_state(entry.state) as i32,
+                desired_version: entry.desired_version,
+                last_ack,
+                pending_since: Some(timestamp(entry.pending_since)),
+                resolved_at: entry.resolved_at.map(timestamp),
+            }
+        })
+        .collect()
 }
 
 /// The model a twin reports it runs: reported `"model"` as `{name, version, sha256}`.
@@ -299,11 +312,7 @@ pub fn twin_message(published: &PublishedTwin, full: bool) -> pb::Twin {
             &mut reported_metadata,
         );
         message.reported_metadata = reported_metadata;
-        message.reconciliation = documents
-            .reconciliation
-            .iter()
-            .map(|(key, entry)| key_reconciliation(twin, key, entry))
-            .collect();
+        message.reconciliation = key_reconciliations(twin, &documents.reconciliation);
     }
     message
 }

@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 use twin_proto::v1 as pb;
 
-use super::convert::{self, json_text, key_reconciliation, model_json, timestamp, twin_status, unix_nanos_i64};
+use super::convert::{self, json_text, key_reconciliations, model_json, timestamp, twin_status, unix_nanos_i64};
 use super::filter::Filter;
 use super::history::{ChangeRecord, History};
 use super::models_service::Deployed;
@@ -79,6 +79,19 @@ pub struct HelloInput {
     pub firmware: Option<String>,
 }
 
+/// A desired patch for one twin.
+#[derive(Debug)]
+pub struct DesiredUpdate {
+    /// The twin.
+    pub device_id: String,
+    /// The patch.
+    pub patch: SectionPatch,
+    /// The patch as received, for the change event.
+    pub patch_json: String,
+    /// Expected version.
+    pub expected: Option<u64>,
+}
+
 /// A request to the engine.
 #[derive(Debug)]
 pub enum Command {
@@ -91,16 +104,17 @@ pub enum Command {
     },
     /// Twins.UpdateDesired.
     UpdateDesired {
-        /// The twin.
-        device_id: String,
-        /// The patch.
-        patch: SectionPatch,
-        /// The patch as received, for the change event.
-        patch_json: String,
-        /// Expected version.
-        expected: Option<u64>,
+        /// The update.
+        update: DesiredUpdate,
         /// The result.
         reply: Reply<Applied>,
+    },
+    /// Twins.UpdateDesiredBatch: each update applied on its own, in order, in one round.
+    UpdateDesiredBatch {
+        /// The updates.
+        updates: Vec<DesiredUpdate>,
+        /// One result per update, in order.
+        reply: Reply<Vec<Result<Applied, Status>>>,
     },
     /// Twins.UpdateTags.
     UpdateTags {
@@ -182,6 +196,16 @@ pub enum Command {
     },
     /// Finish the queued commands and stop.
     Shutdown,
+}
+
+impl Command {
+    /// The changes the command may make, which a round's size (`engine.max_round`) counts.
+    fn weight(&self) -> usize {
+        match self {
+            Command::UpdateDesiredBatch { updates, .. } => updates.len().max(1),
+            _ => 1,
+        }
+    }
 }
 
 /// Counters of the engine and the streams, for logs and metrics.
@@ -352,6 +376,22 @@ fn defer<T: Send + 'static>(reply: Reply<T>, result: Result<T, Status>) -> Defer
     })
 }
 
+/// Sends each result once the round is durable; a failed commit turns every success into its
+/// error.
+fn defer_each<T: Send + 'static>(reply: Reply<Vec<Result<T, Status>>>, results: Vec<Result<T, Status>>) -> Deferred {
+    Box::new(move |commit_error| {
+        let answer = match commit_error {
+            Some(error) => results
+                .into_iter()
+                .map(|result| result.and_then(|_| Err(error.clone())))
+                .collect(),
+            None => results,
+        };
+        // A caller that went away does not need its answer.
+        let _sent = reply.send(Ok(answer));
+    })
+}
+
 /// How a round's writes stand.
 enum Commit {
     /// The round changed nothing durable.
@@ -422,19 +462,27 @@ impl Engine {
         let mut carried: Option<Command> = None;
         loop {
             let mut batch = Vec::new();
+            let mut weight = 0;
             if let Some(command) = carried.take() {
+                weight += command.weight();
                 batch.push(command);
             }
             if !stop && in_flight.len() < self.max_in_flight {
                 if in_flight.is_empty() && batch.is_empty() {
                     match commands.blocking_recv() {
-                        Some(command) => batch.push(command),
+                        Some(command) => {
+                            weight += command.weight();
+                            batch.push(command);
+                        }
                         None => stop = true,
                     }
                 }
-                while !stop && batch.len() < self.max_round {
+                while !stop && weight < self.max_round {
                     match commands.try_recv() {
-                        Ok(command) => batch.push(command),
+                        Ok(command) => {
+                            weight += command.weight();
+                            batch.push(command);
+                        }
                         Err(_) => break,
                     }
                 }
@@ -545,6 +593,7 @@ impl Engine {
                 | Command::UpdateReported { reply, .. }
                 | Command::Acknowledge { reply, .. }
                 | Command::Delete { reply, .. } => round.replies.push(defer(reply, Err(failed))),
+                Command::UpdateDesiredBatch { reply, .. } => round.replies.push(defer(reply, Err(failed))),
                 Command::Connect { reply, .. } => round.replies.push(defer(reply, Err(failed))),
                 Command::DeployModel { reply, .. } => round.replies.push(defer(reply, Err(failed))),
                 Command::RecordInference { reply, .. } => round.replies.push(defer(reply, Err(failed))),
@@ -557,23 +606,21 @@ impl Engine {
                 let result = self.create(new, round);
                 self.answer(round, reply, result);
             }
-            Command::UpdateDesired {
-                device_id,
-                patch,
-                patch_json,
-                expected,
-                reply,
-            } => {
-                let now = self.now();
-                let result = self.update(
-                    round,
-                    &device_id,
-                    pb::ChangeKind::DesiredUpdated,
-                    patch_json,
-                    None,
-                    |twins| twins.update_desired(&device_id, &patch, expected, now),
-                );
+            Command::UpdateDesired { update, reply } => {
+                let result = self.update_desired(round, update);
                 self.answer(round, reply, result);
+            }
+            Command::UpdateDesiredBatch { updates, reply } => {
+                let results = updates
+                    .into_iter()
+                    .map(|update| {
+                        self.update_desired(round, update).map_err(|error| {
+                            self.shared.counters.refused.fetch_add(1, Ordering::Relaxed);
+                            twin_status(&error)
+                        })
+                    })
+                    .collect();
+                round.replies.push(defer_each(reply, results));
             }
             Command::UpdateTags {
                 device_id,
@@ -711,6 +758,24 @@ impl Engine {
         Ok(check)
     }
 
+    fn update_desired(&mut self, round: &mut Round, update: DesiredUpdate) -> Result<Applied, TwinError> {
+        let now = self.now();
+        let DesiredUpdate {
+            device_id,
+            patch,
+            patch_json,
+            expected,
+        } = update;
+        self.update(
+            round,
+            &device_id,
+            pb::ChangeKind::DesiredUpdated,
+            patch_json,
+            None,
+            |twins| twins.update_desired(&device_id, &patch, expected, now),
+        )
+    }
+
     fn answer<T: Send + 'static>(&self, round: &mut Round, reply: Reply<T>, result: Result<T, TwinError>) {
         let result = result.map_err(|error| {
             self.shared.counters.refused.fetch_add(1, Ordering::Relaxed);
@@ -803,27 +868,28 @@ impl Engine {
         change: impl FnOnce(&mut Twins) -> Result<crate::twins::UpdateOutcome, TwinError>,
     ) -> Result<Applied, TwinError> {
         let now = self.last_now;
-        let before = self.twins.require(device_id)?.reconciliation().clone();
         let outcome = change(&mut self.twins)?;
         let twin = self.shared_twin(device_id)?;
-        let delta = twin.delta();
+        // A desired or reported update computed the whole delta (given when not empty); a tags
+        // update leaves it as it was.
+        let (delta_json, delta_empty) = match (kind, &outcome.delta) {
+            (pb::ChangeKind::TagsUpdated, _) => (String::new(), twin.delta().is_empty()),
+            (_, Some(delta)) => (json_text(delta), false),
+            (_, None) => (json_text(&Map::new()), true),
+        };
         let details = ChangeDetails {
             patch_json,
-            delta_json: if kind == pb::ChangeKind::TagsUpdated {
-                String::new()
-            } else {
-                json_text(&delta)
-            },
+            delta_json,
             source_time,
             acks: Vec::new(),
-            reconciliation: reconciliation_changes(&twin, &before),
+            reconciliation: key_reconciliations(&twin, outcome.reconciliation.iter().map(|(key, entry)| (key, entry))),
         };
         let (revision, published) = self.record(round, Arc::clone(&twin), kind, now, details);
         if kind == pb::ChangeKind::DesiredUpdated
-            && outcome.delta.is_some()
+            && let Some(delta) = &outcome.delta
             && let Some(session) = self.sessions.get(device_id)
         {
-            let message = delta_message(twin.version(), &delta, pb::DeltaReason::DesiredChanged, now);
+            let message = delta_message(twin.version(), delta, pb::DeltaReason::DesiredChanged, now);
             round
                 .pushes
                 .push((device_id.to_owned(), session.link.session_id, message));
@@ -832,7 +898,7 @@ impl Engine {
             version: outcome.version,
             revision,
             at: now,
-            delta_empty: delta.is_empty(),
+            delta_empty,
             twin: published,
         })
     }
@@ -1124,13 +1190,11 @@ fn delta_message(
 
 /// The desired keys whose reconciliation differs from `before`, in their new state.
 fn reconciliation_changes(twin: &Twin, before: &BTreeMap<String, Reconciliation>) -> Vec<pb::KeyReconciliation> {
-    let mut changes = Vec::new();
-    for (key, entry) in &twin.reconciliation() {
-        if before.get(key) != Some(entry) {
-            changes.push(key_reconciliation(twin, key, entry));
-        }
-    }
-    changes
+    let after = twin.reconciliation();
+    key_reconciliations(
+        twin,
+        after.iter().filter(|(key, entry)| before.get(*key) != Some(*entry)),
+    )
 }
 
 /// The reported `"model"` JSON of a Hello's model, if it names one.

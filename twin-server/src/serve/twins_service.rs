@@ -16,7 +16,7 @@ use twin_proto::v1::twins_server::Twins;
 use super::convert::{
     ERROR_DOMAIN, invalid_argument, parse_document, parse_patch, timestamp, twin_message, twin_status,
 };
-use super::engine::{Command, EngineHandle, Shared};
+use super::engine::{Applied, Command, DesiredUpdate, EngineHandle, Shared};
 use super::filter::Filter;
 use super::history::{ChangeRecord, ResumeError};
 use crate::twins::{Limits, NewTwin, Section, TwinError};
@@ -28,6 +28,10 @@ const DEFAULT_PAGE_SIZE: usize = 100;
 /// The most twins one page examines; a selective filter over a large fleet returns a short page
 /// with a next_page_token rather than holding the snapshot lock for long.
 const MAX_SCANNED_PER_PAGE: usize = 50_000;
+/// The most updates in one UpdateDesiredBatch call (Azure IoT Hub's bulk registry operations
+/// take 100 devices; a larger batch amortizes more per call while one call's patches, at the
+/// 32 KiB desired limit, stay within tonic's 4 MiB default message size only for small patches).
+const MAX_BATCH_UPDATES: usize = 1000;
 /// Shortest progress interval a watcher may ask for.
 const MIN_PROGRESS_INTERVAL: Duration = Duration::from_millis(10);
 
@@ -61,6 +65,15 @@ impl TwinsService {
             shutdown,
             tasks,
         }
+    }
+}
+
+fn desired_response(applied: &Applied) -> pb::UpdateDesiredResponse {
+    pb::UpdateDesiredResponse {
+        version: applied.version,
+        revision: applied.revision,
+        delta_empty: applied.delta_empty,
+        updated_at: Some(timestamp(applied.at)),
     }
 }
 
@@ -167,22 +180,78 @@ impl Twins for TwinsService {
         let request = request.into_inner();
         let patch = parse_patch("patch_json", &request.patch_json, Section::Desired, &self.limits)
             .map_err(|error| twin_status(&error))?;
+        let update = DesiredUpdate {
+            device_id: request.device_id,
+            patch,
+            patch_json: request.patch_json,
+            expected: request.expected_version,
+        };
         let applied = self
             .engine
-            .call(|reply| Command::UpdateDesired {
-                device_id: request.device_id,
-                patch,
-                patch_json: request.patch_json,
-                expected: request.expected_version,
-                reply,
-            })
+            .call(|reply| Command::UpdateDesired { update, reply })
             .await?;
-        Ok(Response::new(pb::UpdateDesiredResponse {
-            version: applied.version,
-            revision: applied.revision,
-            delta_empty: applied.delta_empty,
-            updated_at: Some(timestamp(applied.at)),
-        }))
+        Ok(Response::new(desired_response(&applied)))
+    }
+
+    async fn update_desired_batch(
+        &self,
+        request: Request<pb::UpdateDesiredBatchRequest>,
+    ) -> Result<Response<pb::UpdateDesiredBatchResponse>, Status> {
+        let requests = request.into_inner().updates;
+        if requests.is_empty() || requests.len() > MAX_BATCH_UPDATES {
+            return Err(invalid_argument(
+                "updates",
+                format!("{} updates; a batch holds 1 to {MAX_BATCH_UPDATES}", requests.len()),
+            ));
+        }
+        // Updates whose patch does not parse are answered here; the rest go to the engine as
+        // one command and come back in the same order.
+        let mut refused: Vec<Option<Status>> = Vec::with_capacity(requests.len());
+        let mut updates = Vec::with_capacity(requests.len());
+        for (index, request) in requests.into_iter().enumerate() {
+            let field = format!("updates[{index}].patch_json");
+            match parse_patch(&field, &request.patch_json, Section::Desired, &self.limits) {
+                Ok(patch) => {
+                    refused.push(None);
+                    updates.push(DesiredUpdate {
+                        device_id: request.device_id,
+                        patch,
+                        patch_json: request.patch_json,
+                        expected: request.expected_version,
+                    });
+                }
+                Err(error) => refused.push(Some(twin_status(&error))),
+            }
+        }
+        let applied = if updates.is_empty() {
+            Vec::new()
+        } else {
+            self.engine
+                .call(|reply| Command::UpdateDesiredBatch { updates, reply })
+                .await?
+        };
+        let mut applied = applied.into_iter();
+        let results = refused
+            .into_iter()
+            .map(|refused| {
+                let result = match refused {
+                    Some(status) => Err(status),
+                    None => applied
+                        .next()
+                        .unwrap_or_else(|| Err(Status::internal("the engine answered fewer updates than it was sent"))),
+                };
+                let outcome = match result {
+                    Ok(applied) => pb::update_desired_result::Outcome::Applied(desired_response(&applied)),
+                    Err(status) => pb::update_desired_result::Outcome::Error(pb::ItemError {
+                        code: status.code() as i32,
+                        message: status.message().to_owned(),
+                        details: status.details().to_vec(),
+                    }),
+                };
+                pb::UpdateDesiredResult { outcome: Some(outcome) }
+            })
+            .collect();
+        Ok(Response::new(pb::UpdateDesiredBatchResponse { results }))
     }
 
     async fn update_tags(

@@ -111,6 +111,21 @@ pub struct UpdateOutcome {
     /// The whole current delta, when a desired or reported update leaves desired != reported
     /// (AWS rule 6: a delta notification is due). Always `None` for tags.
     pub delta: Option<Map<String, Value>>,
+    /// The reconciliation entries the update created or changed, in key order (an entry whose
+    /// key left desired is not listed).
+    pub reconciliation: Vec<(String, Reconciliation)>,
+}
+
+/// The entries of `after` that are new or differ from `before`.
+fn changed_entries(
+    before: &BTreeMap<String, Reconciliation>,
+    after: &BTreeMap<String, Reconciliation>,
+) -> Vec<(String, Reconciliation)> {
+    after
+        .iter()
+        .filter(|(key, entry)| before.get(*key) != Some(*entry))
+        .map(|(key, entry)| (key.clone(), entry.clone()))
+        .collect()
 }
 
 /// What a device receives on (re)connect: never the tags.
@@ -507,6 +522,7 @@ impl Twin {
             change(&self.id, section_part(section), &merged)?,
             metadata_change(&self.id, metadata_part, &merged_metadata)?,
         ];
+        let mut reconciliation_changes = Vec::new();
         let notify = match section {
             Section::Desired => {
                 let reported = self.reported();
@@ -526,7 +542,8 @@ impl Twin {
                 if acknowledgements.len() != before.1 {
                     changes.push(change(&self.id, Part::Acknowledgements, &acknowledgements)?);
                 }
-                let reconciliation_changed = reconciliation != before.0;
+                reconciliation_changes = changed_entries(&before.0, &reconciliation);
+                let reconciliation_changed = !reconciliation_changes.is_empty() || reconciliation != before.0;
                 if reconciliation_changed {
                     changes.push(change(&self.id, Part::Reconciliation, &reconciliation)?);
                 }
@@ -547,7 +564,8 @@ impl Twin {
                     &touched,
                     stamp.server,
                 );
-                let reconciliation_changed = reconciliation != before;
+                reconciliation_changes = changed_entries(&before, &reconciliation);
+                let reconciliation_changed = !reconciliation_changes.is_empty() || reconciliation != before;
                 if reconciliation_changed {
                     changes.push(change(&self.id, Part::Reconciliation, &reconciliation)?);
                 }
@@ -571,6 +589,7 @@ impl Twin {
         Ok(UpdateOutcome {
             version,
             delta: notify.filter(|delta| !delta.is_empty()),
+            reconciliation: reconciliation_changes,
         })
     }
 
