@@ -8,8 +8,9 @@
 # conns  one device-sim process holding CONN_DEVICES (10 000) MQTT connections (fleet-10k-hour
 #        rescaled), established connections counted with `ss` mid-run.
 # mqtt   QoS 0 publish rate to the broker: mqtt-baseline (bare rumqttc loop, same connections,
-#        same payload size, same QoS) and device-sim alternately; with the baseline also run
-#        with one subscriber (device-sim always has its checker subscribed).
+#        same payload size, same QoS) and device-sim alternately, device-sim with its checker
+#        (default) and with --no-checker; the baseline also with publish_bytes (device-sim's
+#        call) and with one subscriber (as device-sim's checker is one).
 # nats   core NATS publish and JetStream publish with async acks (its own stream, created and
 #        deleted by device-sim).
 # grpc   telemetry batches to a `twin serve` release binary in another process (temp data dir).
@@ -117,30 +118,44 @@ run_mqtt() {
     local bytes; bytes=$(median <"$TMP/sizes")
     bytes=$(fmt "$bytes")
     say "device-sim payload (json, median of $(wc -l <"$TMP/sizes") messages): $bytes bytes"
-    local base=() basesub=() ds=() dsrecv=() dscore=() basecore=() ratio=()
+    # Each round runs, in this order: the bare loop; device-sim with its checker (the default);
+    # the bare loop on publish_bytes (device-sim's call, a cheaper loop); device-sim with
+    # --no-checker (the publishing side alone, as a bare publisher has no subscriber); the bare
+    # loop with one subscriber. Ratios are taken per round, then their median.
+    local base=() basepb=() basesub=() ds=() dsnc=() dsrecv=() dscore=() dsnccore=() basecore=()
+    local ratio=() ratio_nc=() ratio_sub=() ratio_nc_pb=()
     for r in $(seq 1 "$ROUNDS"); do
-        local bj=$TMP/base-$r.json sj=$TMP/basesub-$r.json dj=$TMP/ds-mqtt-$r.json
+        local bj=$TMP/base-$r.json pj=$TMP/basepb-$r.json sj=$TMP/basesub-$r.json dj=$TMP/ds-mqtt-$r.json nj=$TMP/ds-mqtt-nc-$r.json
         "$TMP/bin/mqtt-baseline" --port "$MQTT_PORT" --connections "$MQTT_DEVICES" --seconds "$SECS" \
             --payload-bytes "$bytes" --qos 0 >"$bj"
         "$DS" run benches/scenarios/device-sim-load.toml "${common[@]}" --duration "${SECS}s" --json "$dj" \
             >/dev/null 2>"$TMP/ds-mqtt-$r.err" || true
         "$TMP/bin/mqtt-baseline" --port "$MQTT_PORT" --connections "$MQTT_DEVICES" --seconds "$SECS" \
+            --payload-bytes "$bytes" --qos 0 --publish-bytes >"$pj"
+        "$DS" run benches/scenarios/device-sim-load.toml "${common[@]}" --duration "${SECS}s" --no-checker \
+            --json "$nj" >/dev/null 2>"$TMP/ds-mqtt-nc-$r.err" || true
+        "$TMP/bin/mqtt-baseline" --port "$MQTT_PORT" --connections "$MQTT_DEVICES" --seconds "$SECS" \
             --payload-bytes "$bytes" --qos 0 --subscribe >"$sj"
-        local b s d dr dc bc
-        b=$(jqf .msgs_per_s "$bj"); s=$(jqf .msgs_per_s "$sj")
+        local b p s d n dr dc nc bc
+        b=$(jqf .msgs_per_s "$bj"); p=$(jqf .msgs_per_s "$pj"); s=$(jqf .msgs_per_s "$sj")
         d=$(jq -r '.messages.published / .send_seconds' "$dj")
+        n=$(jq -r '.messages.published / .send_seconds' "$nj")
         dr=$(jq -r '(.messages.received // 0) / .send_seconds' "$dj")
         dc=$(jq -r 'if .cost.cpu_seconds > 0 then .messages.published / .cost.cpu_seconds else 0 end' "$dj")
+        nc=$(jq -r 'if .cost.cpu_seconds > 0 then .messages.published / .cost.cpu_seconds else 0 end' "$nj")
         bc=$(jqf '.msgs_per_core_s // 0' "$bj")
-        base+=("$b"); basesub+=("$s"); ds+=("$d"); dsrecv+=("$dr"); dscore+=("$dc"); basecore+=("$bc")
+        base+=("$b"); basepb+=("$p"); basesub+=("$s"); ds+=("$d"); dsnc+=("$n"); dsrecv+=("$dr")
+        dscore+=("$dc"); dsnccore+=("$nc"); basecore+=("$bc")
         ratio+=("$(awk -v d="$d" -v b="$b" 'BEGIN {print d/b}')")
-        say "round $r: baseline $(fmt "$b")/s (cpu $(jqf .cpu_seconds "$bj") s) | device-sim published $(fmt "$d")/s, received $(fmt "$dr")/s, overflows $(jqf .messages.overflows "$dj"), cpu $(jqf .cost.cpu_seconds "$dj") s | baseline+subscriber $(fmt "$s")/s (received $(jqf .received "$sj")) | load $(load)"
+        ratio_nc+=("$(awk -v d="$n" -v b="$b" 'BEGIN {print d/b}')")
+        ratio_sub+=("$(awk -v d="$d" -v b="$s" 'BEGIN {print d/b}')")
+        ratio_nc_pb+=("$(awk -v d="$n" -v b="$p" 'BEGIN {print d/b}')")
+        say "round $r: baseline $(fmt "$b")/s (cpu $(jqf .cpu_seconds "$bj") s) | device-sim published $(fmt "$d")/s, received $(fmt "$dr")/s, overflows $(jqf .messages.overflows "$dj"), cpu $(jqf .cost.cpu_seconds "$dj") s | baseline publish_bytes $(fmt "$p")/s (cpu $(jqf .cpu_seconds "$pj") s) | device-sim --no-checker published $(fmt "$n")/s, overflows $(jqf .messages.overflows "$nj"), cpu $(jqf .cost.cpu_seconds "$nj") s | baseline+subscriber $(fmt "$s")/s (received $(jqf .received "$sj")) | load $(load)"
     done
-    local mb ms md ratio_med
-    mb=$(printf '%s\n' "${base[@]}" | median); ms=$(printf '%s\n' "${basesub[@]}" | median)
-    md=$(printf '%s\n' "${ds[@]}" | median)
-    ratio_med=$(printf '%s\n' "${ratio[@]}" | median)
-    echo "mqtt payload_bytes=$bytes connections=$MQTT_DEVICES offered=$MQTT_RATE baseline=$(fmt "$mb") baseline_with_subscriber=$(fmt "$ms") device_sim=$(fmt "$md") device_sim_received=$(fmt "$(printf '%s\n' "${dsrecv[@]}" | median)") ratio_median_of_rounds=$ratio_med ratio_of_medians=$(awk -v d="$md" -v b="$mb" 'BEGIN {printf "%.3f", d/b}') device_sim_msgs_per_core_s=$(fmt "$(printf '%s\n' "${dscore[@]}" | median)") baseline_msgs_per_core_s=$(fmt "$(printf '%s\n' "${basecore[@]}" | median)")"
+    med() { printf '%s\n' "$@" | median; }
+    local mb md
+    mb=$(med "${base[@]}"); md=$(med "${ds[@]}")
+    echo "mqtt payload_bytes=$bytes connections=$MQTT_DEVICES offered=$MQTT_RATE baseline=$(fmt "$mb") baseline_publish_bytes=$(fmt "$(med "${basepb[@]}")") baseline_with_subscriber=$(fmt "$(med "${basesub[@]}")") device_sim=$(fmt "$md") device_sim_no_checker=$(fmt "$(med "${dsnc[@]}")") device_sim_received=$(fmt "$(med "${dsrecv[@]}")") ratio_median_of_rounds=$(med "${ratio[@]}") ratio_no_checker_median_of_rounds=$(med "${ratio_nc[@]}") ratio_vs_baseline_with_subscriber=$(med "${ratio_sub[@]}") ratio_no_checker_vs_publish_bytes_baseline=$(med "${ratio_nc_pb[@]}") ratio_of_medians=$(awk -v d="$md" -v b="$mb" 'BEGIN {printf "%.3f", d/b}') device_sim_msgs_per_core_s=$(fmt "$(med "${dscore[@]}")") device_sim_no_checker_msgs_per_core_s=$(fmt "$(med "${dsnccore[@]}")") baseline_msgs_per_core_s=$(fmt "$(med "${basecore[@]}")")"
 }
 
 run_nats() {

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use crate::measure::{Arrival, Counters, SequenceTracker};
-use crate::message::Stamp;
+use crate::message::StampRef;
 use crate::shared::Shared;
 
 /// What the checker saw.
@@ -32,13 +32,13 @@ impl Ledger {
     }
 
     /// Notes one received message, received at `received_unix_nanos`.
-    pub fn observe(&mut self, shared: &Shared, stamp: Option<&Stamp>, received_unix_nanos: i64) {
+    pub fn observe(&mut self, shared: &Shared, stamp: Option<StampRef<'_>>, received_unix_nanos: i64) {
         Counters::add(&shared.counters.received, 1);
         let Some(stamp) = stamp else {
             self.foreign += 1;
             return;
         };
-        let Some(&device) = shared.fleet.index_of.get(&stamp.device_id) else {
+        let Some(&device) = shared.fleet.index_of.get(stamp.device_id.as_ref()) else {
             self.foreign += 1;
             return;
         };

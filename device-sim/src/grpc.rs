@@ -166,7 +166,7 @@ async fn run_checker(shared: Arc<Shared>, mut watch: Streaming<pb::WatchResponse
                 } else {
                     system_unix_nanos()
                 };
-                ledger.observe(&shared, stamp.as_ref(), received);
+                ledger.observe(&shared, stamp.as_ref().map(Stamp::borrowed), received);
             }
             Ok(Some(_)) => {}
             Ok(None) => break,

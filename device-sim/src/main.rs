@@ -104,6 +104,10 @@ struct RunArgs {
     /// NATS JetStream: most publishes waiting for their acknowledgement per lane.
     #[arg(long, default_value_t = 1024)]
     max_in_flight: usize,
+    /// MQTT: no checker subscription, so nothing is received and neither loss nor end-to-end
+    /// latency is measured (for comparing the publishing side alone with a bare publisher).
+    #[arg(long)]
+    no_checker: bool,
     /// Write the report as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -190,6 +194,9 @@ fn main() -> ExitCode {
             "--stream, --create-stream and --delete-stream are for nats:// targets, not {target}"
         ));
     }
+    if args.no_checker && !matches!(target, Target::Mqtt { .. }) {
+        return invalid(format!("--no-checker is for mqtt:// targets, not {target}"));
+    }
     if (args.create_stream || args.delete_stream) && args.stream.is_none() {
         return invalid("--create-stream and --delete-stream need --stream NAME");
     }
@@ -224,6 +231,7 @@ fn main() -> ExitCode {
             keep_alive: args.keep_alive,
             drain_timeout: args.drain_timeout,
             max_in_flight: args.max_in_flight,
+            checker: !args.no_checker,
         },
         duration: args.duration,
         clock: args.clock,

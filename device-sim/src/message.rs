@@ -3,6 +3,9 @@
 //! the same message DeviceSync carries) or as the equivalent JSON; and how a checker reads the
 //! stamp back from either.
 
+use std::borrow::Cow;
+
+use bytes::{BufMut as _, BytesMut};
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
 use twin_core::Scenario;
@@ -73,9 +76,30 @@ pub fn batch(
     run_start_unix_nanos: i64,
     sent_unix_nanos: i64,
 ) -> pb::TelemetryBatch {
+    pb::TelemetryBatch {
+        stamp: Some(pb::BatchStamp {
+            device_id: device.id.clone(),
+            sequence: message.sequence,
+            sim_time_nanos: message.sim_time_nanos,
+            intended_send_unix_nanos: message.intended_unix_nanos,
+            sent_unix_nanos,
+            gateway_id: String::new(),
+        }),
+        sensors: series(scenario, device, &message.readings, run_start_unix_nanos),
+    }
+}
+
+/// The readings of a message as `TelemetryBatch` series (see [`batch`]); no allocation when
+/// there are none.
+fn series(
+    scenario: &Scenario,
+    device: &DeviceInfo,
+    readings: &[Reading],
+    run_start_unix_nanos: i64,
+) -> Vec<pb::SensorSeries> {
     let mut sensors: Vec<pb::SensorSeries> = Vec::new();
     let mut current: Option<(u16, i64)> = None;
-    for reading in &message.readings {
+    for reading in readings {
         let spec = &scenario.sensors[device.sensors.start + usize::from(reading.sensor)];
         let continues = matches!(current, Some((sensor, first)) if sensor == reading.sensor
         && sensors.last().and_then(|s| s.offsets_nanos.last()).is_some_and(|&last| {
@@ -106,17 +130,75 @@ pub fn batch(
             }
         }
     }
-    pb::TelemetryBatch {
-        stamp: Some(pb::BatchStamp {
-            device_id: device.id.clone(),
-            sequence: message.sequence,
-            sim_time_nanos: message.sim_time_nanos,
-            intended_send_unix_nanos: message.intended_unix_nanos,
-            sent_unix_nanos,
-            gateway_id: String::new(),
-        }),
-        sensors,
+    sensors
+}
+
+/// Appends a message's payload to `out`: the same bytes as `encode(&batch(..), format)`, but
+/// the stamp is borrowed rather than copied into a `TelemetryBatch`, and nothing is allocated
+/// for a message without readings (the bytes go into the caller's reused buffer).
+pub fn write_payload(
+    out: &mut BytesMut,
+    scenario: &Scenario,
+    device: &DeviceInfo,
+    message: &Outgoing,
+    run_start_unix_nanos: i64,
+    sent_unix_nanos: i64,
+    format: PayloadFormat,
+) {
+    let sensors = series(scenario, device, &message.readings, run_start_unix_nanos);
+    match format {
+        PayloadFormat::Json => {
+            let stamp = JsonStamp {
+                device_id: &device.id,
+                sequence: message.sequence,
+                sim_time_nanos: message.sim_time_nanos,
+                intended_send_unix_nanos: message.intended_unix_nanos,
+                sent_unix_nanos,
+            };
+            write_json(out.writer(), stamp, &sensors);
+        }
+        PayloadFormat::Protobuf => {
+            let batch = pb::TelemetryBatch {
+                stamp: Some(pb::BatchStamp {
+                    device_id: device.id.clone(),
+                    sequence: message.sequence,
+                    sim_time_nanos: message.sim_time_nanos,
+                    intended_send_unix_nanos: message.intended_unix_nanos,
+                    sent_unix_nanos,
+                    gateway_id: String::new(),
+                }),
+                sensors,
+            };
+            out.reserve(batch.encoded_len());
+            // The buffer was just grown to fit: encoding cannot run out of room.
+            let _ = batch.encode(out);
+        }
     }
+}
+
+/// The JSON text of a batch, written to `out`.
+fn write_json(out: impl std::io::Write, stamp: JsonStamp<'_>, sensors: &[pb::SensorSeries]) {
+    let json = JsonBatch {
+        stamp,
+        sensors: sensors
+            .iter()
+            .map(|s| JsonSeries {
+                sensor: &s.sensor,
+                start_unix_nanos: s.start_unix_nanos,
+                offsets_nanos: &s.offsets_nanos,
+                channels: s
+                    .channels
+                    .iter()
+                    .map(|c| JsonChannel {
+                        channel: &c.channel,
+                        values: &c.values,
+                    })
+                    .collect(),
+            })
+            .collect(),
+    };
+    // Writing to memory cannot fail, and these shapes always serialize.
+    let _ = serde_json::to_writer(out, &json);
 }
 
 #[derive(Serialize)]
@@ -153,34 +235,21 @@ pub fn encode(batch: &pb::TelemetryBatch, format: PayloadFormat) -> Vec<u8> {
     match format {
         PayloadFormat::Protobuf => batch.encode_to_vec(),
         PayloadFormat::Json => {
-            let stamp = batch.stamp.clone().unwrap_or_default();
-            let json = JsonBatch {
-                stamp: JsonStamp {
+            let default = pb::BatchStamp::default();
+            let stamp = batch.stamp.as_ref().unwrap_or(&default);
+            let mut out = Vec::with_capacity(256);
+            write_json(
+                &mut out,
+                JsonStamp {
                     device_id: &stamp.device_id,
                     sequence: stamp.sequence,
                     sim_time_nanos: stamp.sim_time_nanos,
                     intended_send_unix_nanos: stamp.intended_send_unix_nanos,
                     sent_unix_nanos: stamp.sent_unix_nanos,
                 },
-                sensors: batch
-                    .sensors
-                    .iter()
-                    .map(|s| JsonSeries {
-                        sensor: &s.sensor,
-                        start_unix_nanos: s.start_unix_nanos,
-                        offsets_nanos: &s.offsets_nanos,
-                        channels: s
-                            .channels
-                            .iter()
-                            .map(|c| JsonChannel {
-                                channel: &c.channel,
-                                values: &c.values,
-                            })
-                            .collect(),
-                    })
-                    .collect(),
-            };
-            serde_json::to_vec(&json).unwrap_or_default()
+                &batch.sensors,
+            );
+            out
         }
     }
 }
@@ -197,14 +266,72 @@ struct JsonStampOnly {
     stamp: Stamp,
 }
 
+/// A stamp as a checker reads it, the device id borrowed from the payload where it can be.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StampRef<'a> {
+    /// Device id.
+    pub device_id: Cow<'a, str>,
+    /// Per-device sequence number.
+    pub sequence: u64,
+    /// Simulated time, nanoseconds since the scenario start.
+    pub sim_time_nanos: i64,
+    /// Intended send time, Unix nanoseconds.
+    pub intended_send_unix_nanos: i64,
+    /// Actual send time, Unix nanoseconds.
+    pub sent_unix_nanos: i64,
+}
+
+impl Stamp {
+    /// This stamp as a [`StampRef`].
+    pub fn borrowed(&self) -> StampRef<'_> {
+        StampRef {
+            device_id: Cow::Borrowed(&self.device_id),
+            sequence: self.sequence,
+            sim_time_nanos: self.sim_time_nanos,
+            intended_send_unix_nanos: self.intended_send_unix_nanos,
+            sent_unix_nanos: self.sent_unix_nanos,
+        }
+    }
+}
+
+impl StampRef<'_> {
+    /// An owned copy.
+    pub fn into_owned(self) -> Stamp {
+        Stamp {
+            device_id: self.device_id.into_owned(),
+            sequence: self.sequence,
+            sim_time_nanos: self.sim_time_nanos,
+            intended_send_unix_nanos: self.intended_send_unix_nanos,
+            sent_unix_nanos: self.sent_unix_nanos,
+        }
+    }
+}
+
 /// Reads the stamp of a payload, if it is one of device-sim's.
 pub fn decode_stamp(payload: &[u8], format: PayloadFormat) -> Option<Stamp> {
+    read_stamp(payload, format).map(StampRef::into_owned)
+}
+
+/// Reads the stamp of a payload, if it is one of device-sim's, without copying the device id
+/// out of a JSON payload. JSON as device-sim writes it (the stamp first, its fields in order,
+/// no whitespace, an id without escapes) is read by [`json_stamp_prefix`], which looks at the
+/// stamp only; any other JSON goes through serde_json, which reads the whole document.
+pub fn read_stamp(payload: &[u8], format: PayloadFormat) -> Option<StampRef<'_>> {
     match format {
-        PayloadFormat::Json => serde_json::from_slice::<JsonStampOnly>(payload).ok().map(|s| s.stamp),
+        PayloadFormat::Json => json_stamp_prefix(payload).or_else(|| {
+            let stamp = serde_json::from_slice::<JsonStampOnly>(payload).ok()?.stamp;
+            Some(StampRef {
+                device_id: Cow::Owned(stamp.device_id),
+                sequence: stamp.sequence,
+                sim_time_nanos: stamp.sim_time_nanos,
+                intended_send_unix_nanos: stamp.intended_send_unix_nanos,
+                sent_unix_nanos: stamp.sent_unix_nanos,
+            })
+        }),
         PayloadFormat::Protobuf => {
             let stamp = StampOnly::decode(payload).ok()?.stamp?;
-            Some(Stamp {
-                device_id: stamp.device_id,
+            Some(StampRef {
+                device_id: Cow::Owned(stamp.device_id),
                 sequence: stamp.sequence,
                 sim_time_nanos: stamp.sim_time_nanos,
                 intended_send_unix_nanos: stamp.intended_send_unix_nanos,
@@ -212,6 +339,49 @@ pub fn decode_stamp(payload: &[u8], format: PayloadFormat) -> Option<Stamp> {
             })
         }
     }
+}
+
+/// The stamp of a JSON payload laid out exactly as [`write_payload`] writes it:
+/// `{"stamp":{"device_id":"..","sequence":N,"sim_time_nanos":N,"intended_send_unix_nanos":N,
+/// "sent_unix_nanos":N}` followed by the readings, which are not read (the payload must end
+/// with `}`). `None` for anything else, which the caller then parses in full.
+fn json_stamp_prefix(payload: &[u8]) -> Option<StampRef<'_>> {
+    if payload.last() != Some(&b'}') {
+        return None;
+    }
+    let rest = payload.strip_prefix(br#"{"stamp":{"device_id":""#.as_slice())?;
+    let end = rest.iter().position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
+    if rest[end] != b'"' {
+        return None;
+    }
+    let device_id = std::str::from_utf8(&rest[..end]).ok()?;
+    let (sequence, rest) = json_integer::<u64>(&rest[end + 1..], br#","sequence":"#)?;
+    let (sim_time_nanos, rest) = json_integer::<i64>(rest, br#","sim_time_nanos":"#)?;
+    let (intended_send_unix_nanos, rest) = json_integer::<i64>(rest, br#","intended_send_unix_nanos":"#)?;
+    let (sent_unix_nanos, rest) = json_integer::<i64>(rest, br#","sent_unix_nanos":"#)?;
+    if rest.first() != Some(&b'}') {
+        return None;
+    }
+    Some(StampRef {
+        device_id: Cow::Borrowed(device_id),
+        sequence,
+        sim_time_nanos,
+        intended_send_unix_nanos,
+        sent_unix_nanos,
+    })
+}
+
+/// `key` then a JSON integer (optional minus sign, digits); the value and what follows it.
+fn json_integer<'a, T: std::str::FromStr>(bytes: &'a [u8], key: &[u8]) -> Option<(T, &'a [u8])> {
+    let rest = bytes.strip_prefix(key)?;
+    let sign = usize::from(rest.first() == Some(&b'-'));
+    let digits = rest[sign..].iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 {
+        return None;
+    }
+    let (number, rest) = rest.split_at(sign + digits);
+    let value = std::str::from_utf8(number).ok()?.parse().ok()?;
+    Some((value, rest))
 }
 
 #[cfg(test)]
@@ -258,5 +428,97 @@ mod tests {
         let value: serde_json::Value = serde_json::from_str(&text).expect("json");
         assert_eq!(value["stamp"]["sequence"], 7);
         assert_eq!(value["sensors"][0]["channels"][0]["values"][1], 21.25);
+    }
+
+    const TWO_SENSORS: &str = r#"
+seed = 1
+[meta]
+name = "two-sensors"
+description = "Two devices with a 1-channel and a vibration sensor."
+[clock]
+mode = "virtual"
+duration = "10s"
+tick = "250ms"
+[[fleet]]
+name = "m"
+count = 2
+id = "m-{index:02}"
+upload = { mode = "raw" }
+[[fleet.sensors]]
+name = "temperature"
+unit = "C"
+rate_hz = 4
+ornstein_uhlenbeck = { mean = 21.0, reversion = 0.1, volatility = 0.2 }
+[[fleet.sensors]]
+name = "accel"
+unit = "m/s^2"
+rate_hz = 100
+vibration = { shaft_hz = 25.0, harmonics = [0.5] }
+"#;
+
+    fn reading(sensor: u16, dims: u8, timestamp_nanos: i64, base: f64) -> Reading {
+        Reading {
+            sensor,
+            dims,
+            timestamp_nanos,
+            values: [base, base + 0.125, -base],
+        }
+    }
+
+    #[test]
+    fn written_payloads_are_the_bytes_of_the_encoded_batch() {
+        let scenario = Scenario::from_toml("two-sensors", TWO_SENSORS, &twin_core::NoFiles, Default::default())
+            .expect("valid scenario");
+        let fleet = crate::fleet::Fleet::new(std::sync::Arc::new(scenario));
+        let device = &fleet.devices[1];
+        let messages = [
+            Vec::new(),
+            vec![reading(0, 1, 250_000_000, 21.5)],
+            // Two sensors, three channels, and a clock skew that starts a new series.
+            vec![
+                reading(0, 1, 250_000_000, 21.5),
+                reading(0, 1, 500_000_000, 21.25),
+                reading(0, 1, 400_000_000, 1e-9),
+                reading(1, 3, 100_000_000, -3.75),
+                reading(1, 3, 200_000_000, 1e300),
+            ],
+        ];
+        let mut buffer = BytesMut::new();
+        for (n, readings) in messages.into_iter().enumerate() {
+            let message = Outgoing {
+                device: device.index,
+                sequence: 41 + n as u64,
+                sim_time_nanos: 1_000_000_000 * n as i64,
+                intended_unix_nanos: 1_700_000_000_000_000_000 + n as i64,
+                readings,
+            };
+            for format in [PayloadFormat::Json, PayloadFormat::Protobuf] {
+                let expected = encode(&batch(&fleet.scenario, device, &message, 1_000, 2_000), format);
+                write_payload(&mut buffer, &fleet.scenario, device, &message, 1_000, 2_000, format);
+                let written = buffer.split();
+                assert_eq!(&written[..], &expected[..], "message {n}, {format:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_stamp_prefix_reader_agrees_with_serde_json() {
+        let mut payload = encode(&sample(), PayloadFormat::Json);
+        let fast = json_stamp_prefix(&payload).expect("device-sim's own layout");
+        assert!(matches!(fast.device_id, Cow::Borrowed("pump-001")));
+        let full = serde_json::from_slice::<JsonStampOnly>(&payload).expect("json").stamp;
+        assert_eq!(fast.into_owned(), full);
+        // Another layout (whitespace, other order, escapes) is read in full instead.
+        let spaced = br#"{ "stamp": {"sequence": 3, "device_id": "a\"b", "sim_time_nanos": -1,
+            "intended_send_unix_nanos": 5, "sent_unix_nanos": 6}, "sensors": []}"#;
+        assert_eq!(json_stamp_prefix(spaced), None);
+        let stamp = read_stamp(spaced, PayloadFormat::Json).expect("valid json");
+        assert_eq!(
+            (stamp.device_id.as_ref(), stamp.sequence, stamp.sim_time_nanos),
+            ("a\"b", 3, -1)
+        );
+        // A cut payload is not a stamp.
+        payload.truncate(40);
+        assert_eq!(read_stamp(&payload, PayloadFormat::Json), None);
     }
 }

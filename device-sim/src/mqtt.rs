@@ -3,13 +3,15 @@
 //! reconnect with exponential backoff, a connection ramp; and the checker, one more connection
 //! subscribed to every device's telemetry topic.
 
-use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing as MqttOutgoing, Packet, QoS, Request,
+    valid_topic,
 };
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
@@ -20,7 +22,7 @@ use crate::checker::{CHECK_INTERVAL, Ledger};
 use crate::clock::system_unix_nanos;
 use crate::device::{ModelSource, apply_delta};
 use crate::measure::Counters;
-use crate::message::{Outgoing, batch, decode_stamp, encode};
+use crate::message::{Outgoing, read_stamp, write_payload};
 use crate::shared::{Shared, TransportSettings, wildcard};
 
 /// Largest MQTT packet sent or accepted (a summary window of readings can be large).
@@ -31,18 +33,31 @@ pub const OUTBOX_CAPACITY: usize = 1024;
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest reconnect delay.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Requests a device's client queues towards its connection (rumqttc's channel).
+const REQUEST_CAPACITY: usize = 64;
+/// Messages a device task takes from its queue at once.
+const TAKE_AT_ONCE: usize = 64;
+/// Size of the blocks a device's payloads are written into: each payload is a slice of a
+/// block, and a block is reused once rumqttc has dropped every payload in it.
+const PAYLOAD_BLOCK: usize = 4096;
+/// Room below which a device starts a new payload block (a larger payload grows the block).
+const PAYLOAD_ROOM: usize = 512;
 
 fn qos(level: u8) -> QoS {
     if level == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce }
 }
 
-/// The checker connected and subscribed.
+/// The checker connected and subscribed (or, with `--no-checker`, the broker found reachable).
 pub struct Prepared {
+    connection: Option<CheckerConnection>,
+    /// How the checker reads.
+    pub checker: String,
+}
+
+struct CheckerConnection {
     client: AsyncClient,
     eventloop: EventLoop,
     filter: String,
-    /// How the checker reads.
-    pub checker: String,
 }
 
 fn options(settings: &TransportSettings, client_id: &str) -> MqttOptions {
@@ -55,8 +70,27 @@ fn options(settings: &TransportSettings, client_id: &str) -> MqttOptions {
     options
 }
 
+/// A client and its event loop, which gives up a connection attempt (TCP and CONNACK) after
+/// the connect timeout, in whole seconds (rumqttc's unit; at least 1 s) rather than rumqttc's
+/// default of 5 s.
+fn client(settings: &TransportSettings, client_id: &str, capacity: usize) -> (AsyncClient, EventLoop) {
+    let (client, mut eventloop) = AsyncClient::new(options(settings, client_id), capacity);
+    eventloop
+        .network_options
+        .set_connection_timeout(connect_timeout_secs(settings.connect_timeout));
+    (client, eventloop)
+}
+
+/// The connect timeout in rumqttc's unit: whole seconds, rounded up, at least 1.
+fn connect_timeout_secs(timeout: Duration) -> u64 {
+    let whole = timeout.as_secs() + u64::from(timeout.subsec_nanos() > 0);
+    whole.max(1)
+}
+
 /// Connects the checker and subscribes it to every device's telemetry; returns once the
-/// subscription is acknowledged, so nothing sent after is missed.
+/// subscription is acknowledged, so nothing sent after is missed. Without a checker
+/// (`TransportSettings::checker` off), connects once and disconnects, so an unreachable broker
+/// still fails the run before it starts.
 ///
 /// # Errors
 /// No connection or no subscription acknowledgement within the connect timeout.
@@ -66,17 +100,16 @@ pub async fn prepare(settings: &TransportSettings) -> Result<Prepared, RunError>
         std::process::id(),
         system_unix_nanos() % 1_000_000_007
     );
-    let (client, mut eventloop) = AsyncClient::new(options(settings, &client_id), 1024);
-    eventloop
-        .network_options
-        .set_connection_timeout(settings.connect_timeout.as_secs().max(1));
+    let (client, mut eventloop) = client(settings, &client_id, 1024);
     let filter = wildcard(&settings.topic, "+");
     let target = settings.target.to_string();
     let timeout = settings.connect_timeout;
     let level = qos(settings.qos);
+    let subscribe = settings.checker;
     let ready = async {
         loop {
             match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) if !subscribe => return Ok(()),
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     client.try_subscribe(filter.clone(), level).map_err(|err| {
                         RunError::Connect(format!("cannot subscribe the checker to `{filter}`: {err}"))
@@ -97,48 +130,73 @@ pub async fn prepare(settings: &TransportSettings) -> Result<Prepared, RunError>
             )));
         }
     }
+    if !subscribe {
+        // The probe is done: send DISCONNECT and let the event loop write it.
+        let _ = client.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            while !matches!(
+                eventloop.poll().await,
+                Ok(Event::Outgoing(MqttOutgoing::Disconnect)) | Err(_)
+            ) {}
+        })
+        .await;
+        return Ok(Prepared {
+            connection: None,
+            checker: "none (--no-checker): nothing received, loss and end-to-end latency not measured".into(),
+        });
+    }
     Ok(Prepared {
-        client,
-        eventloop,
         checker: format!("MQTT subscription on `{filter}` at QoS {}", settings.qos.min(1)),
-        filter,
+        connection: Some(CheckerConnection {
+            client,
+            eventloop,
+            filter,
+        }),
     })
 }
 
-/// Starts the checker and one task per device; returns each device's queue.
+/// Starts the checker (if any) and one task per device; returns each device's queue.
 pub fn start(
     prepared: Prepared,
     shared: &Arc<Shared>,
     models: &ModelSource,
     tracker: &TaskTracker,
-) -> (Vec<mpsc::Sender<Outgoing>>, JoinHandle<Ledger>) {
-    let checker = tokio::spawn(run_checker(shared.clone(), prepared));
+) -> (Vec<mpsc::Sender<Outgoing>>, Option<JoinHandle<Ledger>>) {
+    let checker = prepared
+        .connection
+        .map(|connection| tokio::spawn(run_checker(shared.clone(), connection)));
     (start_devices(shared, models, tracker), checker)
 }
 
-async fn run_checker(shared: Arc<Shared>, prepared: Prepared) -> Ledger {
-    let Prepared {
+async fn run_checker(shared: Arc<Shared>, connection: CheckerConnection) -> Ledger {
+    let CheckerConnection {
         client,
         mut eventloop,
         filter,
-        ..
-    } = prepared;
+    } = connection;
     let format = shared.settings.payload;
     let mut ledger = Ledger::new(shared.fleet.devices.len());
     let mut flushed_at = None;
     let mut backoff = FIRST_BACKOFF;
+    // One timer for the whole run (not one per message): it wakes the loop to look at whether
+    // it is done while nothing arrives.
+    let tick = tokio::time::sleep(CHECK_INTERVAL);
+    tokio::pin!(tick);
     loop {
         if ledger.done(&shared, &mut flushed_at) {
             break;
         }
         let event = tokio::select! {
             event = eventloop.poll() => event,
-            () = tokio::time::sleep(CHECK_INTERVAL) => continue,
+            () = &mut tick => {
+                tick.as_mut().reset(tokio::time::Instant::now() + CHECK_INTERVAL);
+                continue;
+            }
         };
         match event {
             Ok(Event::Incoming(Packet::Publish(publish))) => {
-                let stamp = decode_stamp(&publish.payload, format);
-                ledger.observe(&shared, stamp.as_ref(), shared.pace.now_unix());
+                let stamp = read_stamp(&publish.payload, format);
+                ledger.observe(&shared, stamp, shared.pace.now_unix());
             }
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 backoff = FIRST_BACKOFF;
@@ -176,23 +234,55 @@ struct Progress {
     dropped: AtomicU64,
     /// QoS 1 publishes written and not yet acknowledged.
     unacked: AtomicU64,
+    /// The publisher is waiting for its last publishes: only then is `changed` notified.
+    flushing: AtomicBool,
     changed: Notify,
+    /// The QoS 1 publishes handed to the client and not yet written, in the order the client
+    /// writes them: a telemetry message's intended send time, `None` for a reported answer.
+    /// The device task is the connection's only publisher, so this order is the client's.
+    handed: Mutex<VecDeque<Option<i64>>>,
 }
 
+/// A device's answer to a command, published by its device task (the connection's only
+/// publisher), with when the desired change was made.
+struct Answer {
+    payload: String,
+    changed: Option<i64>,
+}
+
+impl Progress {
+    fn notify(&self) {
+        if self.flushing.load(Ordering::Relaxed) {
+            self.changed.notify_waiters();
+        }
+    }
+
+    fn handed(&self) -> std::sync::MutexGuard<'_, VecDeque<Option<i64>>> {
+        self.handed.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// One device: connects (at its slot of the connection ramp), then publishes what the scheduler
+/// hands it, taking whatever is queued at once and writing each payload into a reused block.
 async fn run_device(shared: Arc<Shared>, models: ModelSource, device: u32, mut outbox: mpsc::Receiver<Outgoing>) {
+    // One cancellation future for the device's life, not one per message.
+    let stopped = shared.hard_stop.cancelled();
+    tokio::pin!(stopped);
     if let Some(rate) = shared.settings.connect_rate {
         let at = shared.pace.start + Duration::from_secs_f64(f64::from(device) / rate);
         tokio::select! {
             () = tokio::time::sleep_until(at.into()) => {}
-            () = shared.hard_stop.cancelled() => return,
+            () = &mut stopped => return,
         }
     }
     let info = &shared.fleet.devices[device as usize];
-    let (client, eventloop) = AsyncClient::new(
-        options(&shared.settings, &shared.fill(&shared.settings.client_id, device)),
-        64,
+    let (client, eventloop) = client(
+        &shared.settings,
+        &shared.fill(&shared.settings.client_id, device),
+        REQUEST_CAPACITY,
     );
     let progress = Arc::new(Progress::default());
+    let (answers_tx, mut answers) = mpsc::unbounded_channel();
     let connection = tokio::spawn(poll_connection(
         shared.clone(),
         models,
@@ -200,42 +290,93 @@ async fn run_device(shared: Arc<Shared>, models: ModelSource, device: u32, mut o
         client.clone(),
         eventloop,
         progress.clone(),
+        answers_tx,
     ));
+    let command_topic = shared.fill(&shared.settings.command_topic, device);
+    let reported_topic = command_topic.strip_suffix("desired").map_or_else(
+        || format!("{command_topic}/reported"),
+        |prefix| format!("{prefix}reported"),
+    );
     let topic = shared.fill(&shared.settings.topic, device);
+    // rumqttc's `publish` checks this on every call; `publish_bytes` does not, so it is checked
+    // once here.
+    let topic_valid = valid_topic(&topic);
+    if !topic_valid {
+        tracing::warn!(device_id = %info.id, topic = %topic, "the telemetry topic has a wildcard; every publish fails");
+    }
     let level = qos(shared.settings.qos);
+    let acknowledged = level != QoS::AtMostOnce;
+    let format = shared.settings.payload;
+    let mut payloads = BytesMut::new();
+    let mut taken = Vec::with_capacity(TAKE_AT_ONCE);
     let mut handed = 0u64;
-    loop {
-        let message = tokio::select! {
-            message = outbox.recv() => message,
-            () = shared.hard_stop.cancelled() => None,
-        };
-        let Some(message) = message else { break };
-        let sent_unix = shared.pace.now_unix();
-        let telemetry = batch(
-            &shared.fleet.scenario,
-            info,
-            &message,
-            shared.pace.start_unix_nanos,
-            sent_unix,
-        );
-        let payload = encode(&telemetry, shared.settings.payload);
-        let publish = client.publish(topic.clone(), level, false, payload);
-        let result = tokio::select! {
-            result = publish => result,
-            () = shared.hard_stop.cancelled() => break,
-        };
-        match result {
-            Ok(()) => {
-                handed += 1;
-                Counters::add(&shared.counters.published, 1);
+    'receive: loop {
+        let count = tokio::select! {
+            count = outbox.recv_many(&mut taken, TAKE_AT_ONCE) => count,
+            Some(answer) = answers.recv() => {
+                publish_answer(&shared, &client, &progress, &reported_topic, answer).await;
+                continue;
             }
-            Err(err) => {
-                tracing::debug!(device_id = %info.id, error = %err, "publish failed");
-                Counters::add(&shared.counters.errors, 1);
+            () = &mut stopped => 0,
+        };
+        if count == 0 {
+            break;
+        }
+        let mut published = 0;
+        let mut failed = 0;
+        let mut stop = false;
+        for message in taken.drain(..) {
+            if !topic_valid {
+                failed += 1;
+                continue;
             }
+            if payloads.capacity() < PAYLOAD_ROOM {
+                payloads.reserve(PAYLOAD_BLOCK);
+            }
+            write_payload(
+                &mut payloads,
+                &shared.fleet.scenario,
+                info,
+                &message,
+                shared.pace.start_unix_nanos,
+                shared.pace.now_unix(),
+                format,
+            );
+            let payload = payloads.split().freeze();
+            if acknowledged {
+                progress.handed().push_back(Some(message.intended_unix_nanos));
+            }
+            let result = tokio::select! {
+                biased;
+                result = client.publish_bytes(topic.clone(), level, false, payload) => result,
+                () = &mut stopped => {
+                    stop = true;
+                    break;
+                }
+            };
+            match result {
+                Ok(()) => published += 1,
+                Err(err) => {
+                    tracing::debug!(device_id = %info.id, error = %err, "publish failed");
+                    if acknowledged {
+                        progress.handed().pop_back();
+                    }
+                    failed += 1;
+                }
+            }
+        }
+        handed += published;
+        Counters::add(&shared.counters.published, published);
+        if failed > 0 {
+            Counters::add(&shared.counters.errors, failed);
+        }
+        if stop {
+            taken.clear();
+            break 'receive;
         }
     }
     // Wait until every publish is on the wire and, at QoS 1, acknowledged.
+    progress.flushing.store(true, Ordering::Relaxed);
     loop {
         let written = progress.written.load(Ordering::Relaxed) + progress.dropped.load(Ordering::Relaxed);
         if (written >= handed && progress.unacked.load(Ordering::Relaxed) == 0) || shared.hard_stop.is_cancelled() {
@@ -243,8 +384,11 @@ async fn run_device(shared: Arc<Shared>, models: ModelSource, device: u32, mut o
         }
         tokio::select! {
             () = progress.changed.notified() => {}
+            Some(answer) = answers.recv() => {
+                publish_answer(&shared, &client, &progress, &reported_topic, answer).await;
+            }
             () = tokio::time::sleep(CHECK_INTERVAL) => {}
-            () = shared.hard_stop.cancelled() => break,
+            () = &mut stopped => break,
         }
     }
     let _ = client.try_disconnect();
@@ -258,23 +402,26 @@ async fn poll_connection(
     client: AsyncClient,
     mut eventloop: EventLoop,
     progress: Arc<Progress>,
+    answers: mpsc::UnboundedSender<Answer>,
 ) {
     let info = &shared.fleet.devices[device as usize];
     let command_topic = shared.fill(&shared.settings.command_topic, device);
-    let reported_topic = command_topic.strip_suffix("desired").map_or_else(
-        || format!("{command_topic}/reported"),
-        |prefix| format!("{prefix}reported"),
-    );
     let mut model = None;
-    let mut written_at: HashMap<u16, Instant> = HashMap::new();
+    // QoS 1 publishes written and not acknowledged: the intended send time of a telemetry
+    // message (its acknowledgement latency is measured from it, as end-to-end latency is, so a
+    // publish that waited in the queues is not measured as fast), `None` for an answer.
+    let mut written_at: HashMap<u16, Option<i64>> = HashMap::new();
     let mut attempt = Instant::now();
     let mut connected_once = false;
     let mut pending_on_failure = 0u64;
+    let mut unwritten_on_failure = 0usize;
     let mut backoff = FIRST_BACKOFF;
+    let stopped = shared.hard_stop.cancelled();
+    tokio::pin!(stopped);
     loop {
         let event = tokio::select! {
             event = eventloop.poll() => event,
-            () = shared.hard_stop.cancelled() => break,
+            () = &mut stopped => break,
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(connack))) => {
@@ -294,39 +441,44 @@ async fn poll_connection(
                     progress.dropped.fetch_add(pending_on_failure, Ordering::Relaxed);
                     progress.unacked.store(0, Ordering::Relaxed);
                     written_at.clear();
-                    progress.changed.notify_waiters();
+                    // The client dropped the QoS 1 publishes it had taken from its queue and
+                    // not written: the oldest handed ones.
+                    let mut handed = progress.handed();
+                    let unwritten = unwritten_on_failure.min(handed.len());
+                    handed.drain(..unwritten);
+                    drop(handed);
+                    progress.notify();
                 }
                 pending_on_failure = 0;
+                unwritten_on_failure = 0;
                 let _ = client.try_subscribe(command_topic.clone(), QoS::AtLeastOnce);
             }
             Ok(Event::Outgoing(MqttOutgoing::Publish(pkid))) => {
                 progress.written.fetch_add(1, Ordering::Relaxed);
-                if pkid != 0 {
-                    written_at.insert(pkid, Instant::now());
+                // A packet id already waiting for its acknowledgement is a retransmission.
+                if pkid != 0 && !written_at.contains_key(&pkid) {
+                    let intended = progress.handed().pop_front().flatten();
+                    written_at.insert(pkid, intended);
                     progress.unacked.fetch_add(1, Ordering::Relaxed);
                 }
-                progress.changed.notify_waiters();
+                progress.notify();
             }
             Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                if let Some(written) = written_at.remove(&ack.pkid) {
-                    shared.latencies.ack.record_nanos(written.elapsed().as_nanos() as i64);
+                if let Some(intended) = written_at.remove(&ack.pkid) {
+                    if let Some(intended) = intended {
+                        shared.latencies.ack.record_nanos(shared.pace.now_unix() - intended);
+                    }
                     Counters::add(&shared.counters.acks, 1);
                     let _ = progress
                         .unacked
                         .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(1)));
-                    progress.changed.notify_waiters();
+                    progress.notify();
                 }
             }
             Ok(Event::Incoming(Packet::Publish(command))) if command.topic == command_topic => {
-                handle_command(
-                    &shared,
-                    &models,
-                    device,
-                    &client,
-                    &reported_topic,
-                    &command.payload,
-                    &mut model,
-                );
+                if let Some(answer) = handle_command(&shared, &models, device, &command.payload, &mut model) {
+                    let _ = answers.send(answer);
+                }
             }
             Ok(Event::Outgoing(MqttOutgoing::Disconnect)) => break,
             Ok(_) => {}
@@ -343,9 +495,15 @@ async fn poll_connection(
                     .iter()
                     .filter(|r| matches!(r, Request::Publish(_)))
                     .count() as u64;
+                // Taken from the queue but never written: no packet id yet.
+                unwritten_on_failure = eventloop
+                    .pending
+                    .iter()
+                    .filter(|r| matches!(r, Request::Publish(p) if p.qos != QoS::AtMostOnce && p.pkid == 0))
+                    .count();
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
-                    () = shared.hard_stop.cancelled() => break,
+                    () = &mut stopped => break,
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
                 attempt = Instant::now();
@@ -355,20 +513,18 @@ async fn poll_connection(
 }
 
 /// A command on `devices/{id}/desired`: a JSON object of desired keys, optionally with
-/// `desired_changed_unix_nanos`. The device applies it and publishes what it now runs, with
-/// one acknowledgement per key, on `devices/{id}/reported`.
+/// `desired_changed_unix_nanos`. The device applies it; the answer (what it now runs, with one
+/// acknowledgement per key) is for `devices/{id}/reported`.
 fn handle_command(
     shared: &Shared,
     models: &ModelSource,
     device: u32,
-    client: &AsyncClient,
-    reported_topic: &str,
     payload: &[u8],
     model: &mut Option<crate::device::RunningModel>,
-) {
+) -> Option<Answer> {
     let Ok(serde_json::Value::Object(mut delta)) = serde_json::from_slice::<serde_json::Value>(payload) else {
         Counters::add(&shared.counters.errors, 1);
-        return;
+        return None;
     };
     let changed = delta.remove("desired_changed_unix_nanos").and_then(|v| v.as_i64());
     let applied = apply_delta(shared, device, &delta, models, model);
@@ -378,13 +534,68 @@ fn handle_command(
         .map(|o| serde_json::json!({"key": o.key, "status_code": o.status, "description": o.description}))
         .collect();
     let answer = serde_json::json!({"reported": applied.reported, "acks": acks});
+    Some(Answer {
+        payload: answer.to_string(),
+        changed,
+    })
+}
+
+/// Publishes a command's answer at QoS 1 (its place among the handed publishes noted first).
+async fn publish_answer(shared: &Shared, client: &AsyncClient, progress: &Progress, topic: &str, answer: Answer) {
+    progress.handed().push_back(None);
     if client
-        .try_publish(reported_topic, QoS::AtLeastOnce, false, answer.to_string())
+        .publish(topic, QoS::AtLeastOnce, false, answer.payload)
+        .await
         .is_ok()
     {
-        if let Some(changed) = changed {
+        if let Some(changed) = answer.changed {
             shared.latencies.convergence.record_nanos(system_unix_nanos() - changed);
         }
         Counters::add(&shared.counters.converged, 1);
+    } else {
+        progress.handed().pop_back();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::PayloadFormat;
+    use crate::target::Target;
+
+    fn settings(connect_timeout: Duration) -> TransportSettings {
+        TransportSettings {
+            target: Target::parse("mqtt://127.0.0.1:1883").expect("target"),
+            qos: 0,
+            payload: PayloadFormat::Json,
+            topic: "devices/{id}/telemetry".into(),
+            command_topic: "devices/{id}/desired".into(),
+            client_id: "{id}".into(),
+            stream: None,
+            create_stream: false,
+            delete_stream: false,
+            connect_rate: None,
+            connect_timeout,
+            keep_alive: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(5),
+            max_in_flight: 1024,
+            checker: true,
+        }
+    }
+
+    #[test]
+    fn every_connection_gives_up_after_the_connect_timeout() {
+        // rumqttc's default is 5 s whatever --connect-timeout says; device connections and the
+        // checker's now use the flag, rounded up to whole seconds.
+        for (timeout, seconds) in [
+            (Duration::from_secs(2), 2),
+            (Duration::from_millis(2_500), 3),
+            (Duration::from_secs(30), 30),
+            (Duration::from_millis(200), 1),
+            (Duration::ZERO, 1),
+        ] {
+            let (_client, eventloop) = client(&settings(timeout), "device-1", REQUEST_CAPACITY);
+            assert_eq!(eventloop.network_options.connection_timeout(), seconds, "{timeout:?}");
+        }
     }
 }

@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::RunError;
 use crate::checker::{CHECK_INTERVAL, Ledger};
 use crate::measure::Counters;
-use crate::message::{Outgoing, batch, decode_stamp, encode};
+use crate::message::{Outgoing, batch, encode, read_stamp};
 use crate::shared::{Shared, TransportSettings, wildcard};
 
 /// Messages queued per lane.
@@ -288,8 +288,8 @@ async fn run_checker(shared: Arc<Shared>, mut receiver: Receiver) -> Ledger {
             },
         };
         if let Some(payload) = payload {
-            let stamp = decode_stamp(&payload, format);
-            ledger.observe(&shared, stamp.as_ref(), shared.pace.now_unix());
+            let stamp = read_stamp(&payload, format);
+            ledger.observe(&shared, stamp, shared.pace.now_unix());
         }
     }
     ledger

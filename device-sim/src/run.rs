@@ -113,10 +113,7 @@ pub async fn run(
     let tracker = TaskTracker::new();
     let (outboxes, checker): (Vec<mpsc::Sender<Outgoing>>, Option<JoinHandle<Ledger>>) = match prepared {
         Prepared::Grpc(p) => grpc::start(p, &shared, &settings.models, &tracker)?,
-        Prepared::Mqtt(p) => {
-            let (outboxes, checker) = mqtt::start(*p, &shared, &settings.models, &tracker);
-            (outboxes, Some(checker))
-        }
+        Prepared::Mqtt(p) => mqtt::start(*p, &shared, &settings.models, &tracker),
         Prepared::Nats(p) => {
             let (outboxes, checker) = nats::start(p, &shared, &tracker);
             (outboxes, Some(checker))

@@ -131,6 +131,11 @@ pub struct Scheduler {
     next_arrival: Instant,
     next_device: usize,
     arrivals_stream: Stream,
+    /// Messages handed over since the shared counters were last updated (they are updated once
+    /// per dispatch, not per message).
+    handed_messages: u64,
+    /// The readings those messages carry.
+    handed_readings: u64,
 }
 
 impl Scheduler {
@@ -174,6 +179,8 @@ impl Scheduler {
             next_arrival: pace.start,
             next_device: 0,
             arrivals_stream: Stream::derive(seed, &["device-sim", "arrivals"]),
+            handed_messages: 0,
+            handed_readings: 0,
         }
     }
 
@@ -307,6 +314,15 @@ impl Scheduler {
     }
 
     fn dispatch_due(&mut self, now: Instant) {
+        self.hand_over_due(now);
+        if self.handed_messages > 0 {
+            Counters::add(&self.counters.sent, std::mem::take(&mut self.handed_messages));
+            Counters::add(&self.counters.samples_sent, std::mem::take(&mut self.handed_readings));
+        }
+    }
+
+    /// Hands over every message due by `now` (cadence queue, then rate arrivals).
+    fn hand_over_due(&mut self, now: Instant) {
         while let Some(front) = self.queue.front() {
             let slot = front.due.max(self.next_cap_slot);
             if slot > now || slot >= self.settings.end {
@@ -358,8 +374,8 @@ impl Scheduler {
     fn hand_over(&mut self, device: u32, sim: u64, intended: Instant, readings: Vec<Reading>) {
         let schedule = &mut self.devices[device as usize];
         schedule.sequence += 1;
-        Counters::add(&self.counters.sent, 1);
-        Counters::add(&self.counters.samples_sent, readings.len() as u64);
+        self.handed_messages += 1;
+        self.handed_readings += readings.len() as u64;
         let message = Outgoing {
             device,
             sequence: schedule.sequence,

@@ -44,6 +44,9 @@ pub struct TransportSettings {
     pub drain_timeout: Duration,
     /// Most JetStream publishes waiting for their acknowledgement at once.
     pub max_in_flight: usize,
+    /// Run the checker (MQTT: off with `--no-checker`, which then measures no loss or
+    /// end-to-end latency, as a bare publisher would not).
+    pub checker: bool,
 }
 
 /// The run's shared state.

@@ -44,6 +44,31 @@ async fn mqtt_qos1_delivers_every_message_once_in_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_qos1_ack_latency_counts_from_the_intended_send_time() {
+    require_broker("Mosquitto", 1883);
+    let prefix = unique("ds-ackint-");
+    let mut settings = settings(MQTT, &format!("{prefix}/{{id}}/telemetry"));
+    settings.transport.qos = 1;
+    settings.transport.command_topic = format!("{prefix}/{{id}}/desired");
+    settings.transport.client_id = format!("{prefix}-{{id}}");
+    // Device k connects k / 2 s after the start: the last pump (device 4) at 2 s, the end of the
+    // scenario, so its windows due at 0.5, 1.0 and 1.5 s wait in its queue and are published at
+    // 2 s or later. Measured from the intended send time, their acknowledgements take at least
+    // 0.5 s whatever the broker's speed (from the write, they would look as fast as the rest).
+    settings.transport.connect_rate = Some(2.0);
+    let report = run(smoke(), settings, CancellationToken::new()).await.expect("run");
+    let m = &report.messages;
+    assert_eq!(m.sent, SMOKE_MESSAGES, "{}", report.summary());
+    assert_eq!(m.acks, SMOKE_MESSAGES, "{}", report.summary());
+    assert_eq!(report.ack.count, SMOKE_MESSAGES);
+    let max = report.ack.max_ms.expect("acknowledgements measured");
+    assert!(
+        max >= 500.0,
+        "the waiting windows' acknowledgements count their wait: max {max} ms"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_qos0_protobuf_counts_every_message() {
     require_broker("Mosquitto", 1883);
     let prefix = unique("ds-q0-");
@@ -61,6 +86,55 @@ async fn mqtt_qos0_protobuf_counts_every_message() {
     assert_eq!(received + m.lost.unwrap_or_default(), SMOKE_MESSAGES);
     assert_eq!(m.duplicates, Some(0));
     assert_eq!(report.connections.connects, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_without_checker_publishes_everything_and_measures_no_receipt() {
+    require_broker("Mosquitto", 1883);
+    let prefix = unique("ds-nochk-");
+    let mut settings = settings(MQTT, &format!("{prefix}/{{id}}/telemetry"));
+    settings.transport.command_topic = format!("{prefix}/{{id}}/desired");
+    settings.transport.client_id = format!("{prefix}-{{id}}");
+    settings.transport.checker = false;
+    // An independent subscriber counts what the broker delivers.
+    let options = MqttOptions::new(unique("ds-counter-"), "127.0.0.1", 1883);
+    let (counter, mut events) = AsyncClient::new(options, 16);
+    counter
+        .subscribe(format!("{prefix}/+/telemetry"), QoS::AtMostOnce)
+        .await
+        .expect("subscribe");
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !matches!(events.poll().await, Ok(Event::Incoming(Packet::SubAck(_)))) {}
+    })
+    .await
+    .expect("suback");
+    let counting = tokio::spawn(async move {
+        let mut stamps = Vec::new();
+        while let Ok(Ok(event)) = tokio::time::timeout(Duration::from_secs(5), events.poll()).await {
+            if let Event::Incoming(Packet::Publish(p)) = event {
+                stamps.push(device_sim::message::decode_stamp(&p.payload, PayloadFormat::Json).expect("a stamp"));
+            }
+        }
+        stamps
+    });
+    let report = run(smoke(), settings, CancellationToken::new()).await.expect("run");
+    let m = &report.messages;
+    assert_eq!(m.sent, SMOKE_MESSAGES, "{}", report.summary());
+    assert_eq!(m.published, SMOKE_MESSAGES);
+    assert_eq!(m.errors, 0);
+    assert_eq!(
+        (m.received, m.lost, m.duplicates),
+        (None, None, None),
+        "no checker, no receipt figures"
+    );
+    assert_eq!(report.e2e.count, 0);
+    assert!(report.run.checker.starts_with("none"), "{}", report.run.checker);
+    let stamps = counting.await.expect("counter");
+    // QoS 0 on loopback at this rate: the broker delivers everything, each stamp once.
+    let mut seen: Vec<(String, u64)> = stamps.iter().map(|s| (s.device_id.clone(), s.sequence)).collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len() as u64, SMOKE_MESSAGES, "{stamps:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -55,6 +55,7 @@ pub fn settings(target: &str, topic: &str) -> RunSettings {
             keep_alive: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(5),
             max_in_flight: 1024,
+            checker: true,
         },
         duration: None,
         clock: None,
