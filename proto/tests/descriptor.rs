@@ -18,6 +18,7 @@ const EXPECTED: &[(&str, &[&str])] = &[
             "ListTwins",
             "CreateTwin",
             "UpdateDesired",
+            "UpdateDesiredBatch",
             "UpdateTags",
             "DeleteTwin",
             "Watch",
@@ -80,6 +81,7 @@ fn streaming_shapes_are_as_documented() {
     assert_eq!(shapes["Telemetry.IngestBatch"], (false, false));
     assert_eq!(shapes["Simulation.WatchSimulation"], (false, true));
     assert_eq!(shapes["Twins.UpdateDesired"], (false, false));
+    assert_eq!(shapes["Twins.UpdateDesiredBatch"], (false, false));
 }
 
 #[test]
