@@ -314,7 +314,7 @@ pub fn decode_stamp(payload: &[u8], format: PayloadFormat) -> Option<Stamp> {
 
 /// Reads the stamp of a payload, if it is one of device-sim's, without copying the device id
 /// out of a JSON payload. JSON as device-sim writes it (the stamp first, its fields in order,
-/// no whitespace, an id without escapes) is read by [`json_stamp_prefix`], which looks at the
+/// no whitespace, an id without escapes) is read by a prefix reader that looks at the
 /// stamp only; any other JSON goes through serde_json, which reads the whole document.
 pub fn read_stamp(payload: &[u8], format: PayloadFormat) -> Option<StampRef<'_>> {
     match format {
