@@ -145,9 +145,9 @@ pub fn write_payload(
     sent_unix_nanos: i64,
     format: PayloadFormat,
 ) {
-    let sensors = series(scenario, device, &message.readings, run_start_unix_nanos);
     match format {
         PayloadFormat::Json => {
+            let sensors = series(scenario, device, &message.readings, run_start_unix_nanos);
             let stamp = JsonStamp {
                 device_id: &device.id,
                 sequence: message.sequence,
@@ -158,17 +158,7 @@ pub fn write_payload(
             write_json(out.writer(), stamp, &sensors);
         }
         PayloadFormat::Protobuf => {
-            let batch = pb::TelemetryBatch {
-                stamp: Some(pb::BatchStamp {
-                    device_id: device.id.clone(),
-                    sequence: message.sequence,
-                    sim_time_nanos: message.sim_time_nanos,
-                    intended_send_unix_nanos: message.intended_unix_nanos,
-                    sent_unix_nanos,
-                    gateway_id: String::new(),
-                }),
-                sensors,
-            };
+            let batch = batch(scenario, device, message, run_start_unix_nanos, sent_unix_nanos);
             out.reserve(batch.encoded_len());
             // The buffer was just grown to fit: encoding cannot run out of room.
             let _ = batch.encode(out);

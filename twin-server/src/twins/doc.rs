@@ -543,7 +543,7 @@ impl Twin {
                     changes.push(change(&self.id, Part::Acknowledgements, &acknowledgements)?);
                 }
                 reconciliation_changes = changed_entries(&before.0, &reconciliation);
-                let reconciliation_changed = !reconciliation_changes.is_empty() || reconciliation != before.0;
+                let reconciliation_changed = reconciliation != before.0;
                 if reconciliation_changed {
                     changes.push(change(&self.id, Part::Reconciliation, &reconciliation)?);
                 }
@@ -565,7 +565,7 @@ impl Twin {
                     stamp.server,
                 );
                 reconciliation_changes = changed_entries(&before, &reconciliation);
-                let reconciliation_changed = !reconciliation_changes.is_empty() || reconciliation != before;
+                let reconciliation_changed = reconciliation != before;
                 if reconciliation_changed {
                     changes.push(change(&self.id, Part::Reconciliation, &reconciliation)?);
                 }
