@@ -25,7 +25,7 @@ const EXPECTED: &[(&str, &[&str])] = &[
         ],
     ),
     ("twin.v1.DeviceSync", &["Sync"]),
-    ("twin.v1.Telemetry", &["Ingest", "IngestBatch"]),
+    ("twin.v1.Telemetry", &["Ingest", "IngestBatch", "Read"]),
     ("twin.v1.Models", &["ListModels", "DeployModel"]),
     (
         "twin.v1.Simulation",
@@ -79,6 +79,7 @@ fn streaming_shapes_are_as_documented() {
     assert_eq!(shapes["DeviceSync.Sync"], (true, true));
     assert_eq!(shapes["Telemetry.Ingest"], (true, false));
     assert_eq!(shapes["Telemetry.IngestBatch"], (false, false));
+    assert_eq!(shapes["Telemetry.Read"], (false, false));
     assert_eq!(shapes["Simulation.WatchSimulation"], (false, true));
     assert_eq!(shapes["Twins.UpdateDesired"], (false, false));
     assert_eq!(shapes["Twins.UpdateDesiredBatch"], (false, false));

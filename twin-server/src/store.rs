@@ -13,7 +13,11 @@
 //! - `revisions`: twin id -> the fleet-wide revision of the twin's last change (written by the
 //!   live server, [`WriteBatch::put_twin_at`]; absent for twins written without one);
 //! - `meta`: `schema_version` -> 1, and `revision` -> the last fleet-wide revision committed
-//!   ([`WriteBatch::set_revision`]), so that revisions are never reused after a restart.
+//!   ([`WriteBatch::set_revision`]), so that revisions are never reused after a restart;
+//! - `telemetry`: (device id, the server's storage time in Unix nanoseconds, strictly increasing
+//!   per device) -> one telemetry batch as received (`twin.v1.TelemetryBatch`, protobuf bytes),
+//!   [`WriteBatch::put_telemetry`]; a device's batches older than its retention are removed when
+//!   it stores the next one, and all of them when its twin is deleted.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -30,6 +34,7 @@ const TWINS: TableDefinition<&str, &[u8]> = TableDefinition::new("twins");
 const TOMBSTONES: TableDefinition<&str, u64> = TableDefinition::new("tombstones");
 const REVISIONS: TableDefinition<&str, u64> = TableDefinition::new("revisions");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const TELEMETRY: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("telemetry");
 const SCHEMA_VERSION_KEY: &str = "schema_version";
 const REVISION_KEY: &str = "revision";
 /// 2: twins stored packed ([`Twin::encode`]). A schema 1 file (twins as JSON) is read as it is
@@ -146,6 +151,12 @@ enum Operation {
         version: u64,
     },
     Revision(u64),
+    Telemetry {
+        device_id: String,
+        stored_at: u64,
+        batch: Vec<u8>,
+        keep_from: u64,
+    },
 }
 
 impl WriteBatch {
@@ -203,6 +214,18 @@ impl WriteBatch {
         self.operations.push(Operation::Delete {
             twin_id: twin_id.to_owned(),
             version,
+        });
+    }
+
+    /// Stores one telemetry batch of `device_id` (protobuf bytes) under `stored_at` (Unix
+    /// nanoseconds, strictly increasing per device: a batch with the same key replaces the
+    /// earlier one), and removes the device's batches stored before `keep_from` (0 keeps all).
+    pub fn put_telemetry(&mut self, device_id: &str, stored_at: u64, batch: Vec<u8>, keep_from: u64) {
+        self.operations.push(Operation::Telemetry {
+            device_id: device_id.to_owned(),
+            stored_at,
+            batch,
+            keep_from,
         });
     }
 
@@ -310,13 +333,35 @@ impl PendingWrite {
     }
 }
 
+/// One stored telemetry batch, as [`Store::read_telemetry`] returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredTelemetry {
+    /// When the server stored it, Unix nanoseconds (strictly increasing per device).
+    pub stored_at: u64,
+    /// The batch as received (`twin.v1.TelemetryBatch`, protobuf bytes).
+    pub batch: Vec<u8>,
+}
+
 /// A handle to the durable store; clones share the one committer.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Store {
+    /// For reads beside the committer; taken out by [`Store::close`] so that the file is
+    /// closed (and can be opened again) once the committer and any read in progress are done.
+    database: Arc<std::sync::RwLock<Option<Arc<Database>>>>,
     requests: mpsc::Sender<Request>,
     counters: Arc<Counters>,
     committer: Arc<Mutex<Option<JoinHandle<()>>>>,
     capacity: usize,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Store")
+            .field("capacity", &self.capacity)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for Request {
@@ -366,11 +411,14 @@ impl Store {
         let counters = Arc::new(Counters::default());
         let committer_counters = Arc::clone(&counters);
         let max_batch = options.max_batch.max(1);
+        let database = Arc::new(database);
+        let committer_database = Arc::clone(&database);
         let committer = std::thread::Builder::new()
             .name("twin-store-committer".to_owned())
-            .spawn(move || run_committer(database, receiver, max_batch, &committer_counters))
+            .spawn(move || run_committer(&committer_database, receiver, max_batch, &committer_counters))
             .map_err(StoreError::Spawn)?;
         let store = Store {
+            database: Arc::new(std::sync::RwLock::new(Some(database))),
             requests: sender,
             counters,
             committer: Arc::new(Mutex::new(Some(committer))),
@@ -390,6 +438,78 @@ impl Store {
             .await
             .map_err(|_| StoreError::Closed)?;
         PendingWrite { reply: receiver }.wait().await
+    }
+
+    /// Submits a write, waiting for room in the queue, without waiting for its commit: the
+    /// returned [`PendingWrite`] resolves at its commit.
+    ///
+    /// # Errors
+    /// `Closed` when the store is closed.
+    pub async fn submit(&self, batch: WriteBatch) -> Result<PendingWrite, StoreError> {
+        let (reply, receiver) = oneshot::channel();
+        self.requests
+            .send(Request::Write { batch, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        Ok(PendingWrite { reply: receiver })
+    }
+
+    /// The telemetry batches of `device_id` stored after `after` and at or before `until` (Unix
+    /// nanoseconds), oldest first, at most `limit`. Reads committed data only, beside the
+    /// committer (a read transaction); blocks the thread on the file.
+    ///
+    /// # Errors
+    /// `Storage` when the file cannot be read.
+    pub fn read_telemetry(
+        &self,
+        device_id: &str,
+        after: u64,
+        until: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredTelemetry>, StoreError> {
+        let mut found = Vec::new();
+        let Some(from) = after.checked_add(1) else {
+            return Ok(found);
+        };
+        if from > until || limit == 0 {
+            return Ok(found);
+        }
+        let transaction = self.reader()?.begin_read()?;
+        let table = transaction.open_table(TELEMETRY)?;
+        for entry in table.range((device_id, from)..=(device_id, until))? {
+            let (key, value) = entry?;
+            found.push(StoredTelemetry {
+                stored_at: key.value().1,
+                batch: value.value().to_vec(),
+            });
+            if found.len() >= limit {
+                break;
+            }
+        }
+        Ok(found)
+    }
+
+    /// The newest storage time of `device_id`'s telemetry, if it has any stored (so that new
+    /// batches are stored after it, also after a restart).
+    ///
+    /// # Errors
+    /// `Storage` when the file cannot be read.
+    pub fn last_telemetry_time(&self, device_id: &str) -> Result<Option<u64>, StoreError> {
+        let transaction = self.reader()?.begin_read()?;
+        let table = transaction.open_table(TELEMETRY)?;
+        let last = table.range((device_id, 0)..=(device_id, u64::MAX))?.next_back();
+        match last {
+            Some(entry) => Ok(Some(entry?.0.value().1)),
+            None => Ok(None),
+        }
+    }
+
+    fn reader(&self) -> Result<Arc<Database>, StoreError> {
+        self.database
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .ok_or(StoreError::Closed)
     }
 
     /// Submits a write and waits for its commit, blocking the thread (not from inside an async
@@ -458,6 +578,10 @@ impl Store {
         if let Some(handle) = handle {
             let _joined = handle.join();
         }
+        self.database
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
     }
 }
 
@@ -467,6 +591,7 @@ fn ensure_schema(database: &Database, path: &Path) -> Result<(), StoreError> {
         transaction.open_table(TWINS)?;
         transaction.open_table(TOMBSTONES)?;
         transaction.open_table(REVISIONS)?;
+        transaction.open_table(TELEMETRY)?;
         let mut meta = transaction.open_table(META)?;
         let found = meta.get(SCHEMA_VERSION_KEY)?.map(|value| value.value());
         if found.is_none_or(|found| found != SCHEMA_VERSION && READABLE_SCHEMAS.contains(&found)) {
@@ -521,7 +646,7 @@ fn restore_revisions(database: &Database) -> Result<Revisions, StoreError> {
 }
 
 /// The committer: take every pending write, commit them together, answer each writer.
-fn run_committer(database: Database, mut requests: mpsc::Receiver<Request>, max_batch: usize, counters: &Counters) {
+fn run_committer(database: &Database, mut requests: mpsc::Receiver<Request>, max_batch: usize, counters: &Counters) {
     let mut writes: Vec<(WriteBatch, Reply)> = Vec::with_capacity(max_batch);
     loop {
         let mut close = None;
@@ -538,7 +663,7 @@ fn run_committer(database: Database, mut requests: mpsc::Receiver<Request>, max_
             }
         }
         if !writes.is_empty() {
-            commit_and_reply(&database, &mut writes, counters);
+            commit_and_reply(database, &mut writes, counters);
         }
         if let Some(reply) = close {
             requests.close();
@@ -589,6 +714,7 @@ fn commit<'a>(database: &Database, batches: impl Iterator<Item = &'a WriteBatch>
         let mut tombstones = transaction.open_table(TOMBSTONES)?;
         let mut revisions = transaction.open_table(REVISIONS)?;
         let mut meta = transaction.open_table(META)?;
+        let mut telemetry = transaction.open_table(TELEMETRY)?;
         let mut any_tombstone = !tombstones.is_empty()?;
         for batch in batches {
             for operation in &batch.operations {
@@ -612,6 +738,20 @@ fn commit<'a>(database: &Database, batches: impl Iterator<Item = &'a WriteBatch>
                         tombstones.insert(twin_id.as_str(), *version)?;
                         revisions.remove(twin_id.as_str())?;
                         any_tombstone = true;
+                        let id = twin_id.as_str();
+                        telemetry.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
+                    }
+                    Operation::Telemetry {
+                        device_id,
+                        stored_at,
+                        batch,
+                        keep_from,
+                    } => {
+                        let id = device_id.as_str();
+                        telemetry.insert((id, *stored_at), batch.as_slice())?;
+                        if *keep_from > 0 {
+                            telemetry.retain_in((id, 0)..(id, *keep_from), |_, _| false)?;
+                        }
                     }
                     Operation::Revision(revision) => {
                         meta.insert(REVISION_KEY, *revision)?;
@@ -747,6 +887,60 @@ mod tests {
             matches!(&error, StoreError::Decode { twin_id, .. } if twin_id == "dev-1"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn telemetry_is_read_by_device_and_time_and_pruned_by_retention() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("twin.redb");
+        let (store, _twins) = Store::open(&path, StoreOptions::default(), Limits::default()).expect("open");
+        let mut write = WriteBatch::new();
+        for at in [10, 20, 30] {
+            write.put_telemetry("d1", at, vec![u8::try_from(at).expect("small")], 0);
+        }
+        write.put_telemetry("d2", 15, vec![1, 2, 3], 0);
+        store.write_blocking(write).expect("commit");
+        let times = |found: Vec<StoredTelemetry>| found.iter().map(|entry| entry.stored_at).collect::<Vec<_>>();
+        assert_eq!(
+            times(store.read_telemetry("d1", 0, u64::MAX, 100).expect("read")),
+            [10, 20, 30]
+        );
+        assert_eq!(times(store.read_telemetry("d1", 10, 30, 100).expect("read")), [20, 30]);
+        assert_eq!(
+            times(store.read_telemetry("d1", 0, u64::MAX, 2).expect("read")),
+            [10, 20]
+        );
+        assert_eq!(
+            times(store.read_telemetry("d1", 30, u64::MAX, 100).expect("read")),
+            [] as [u64; 0]
+        );
+        assert_eq!(
+            store.read_telemetry("d2", 0, u64::MAX, 100).expect("read")[0].batch,
+            [1, 2, 3]
+        );
+        assert_eq!(store.last_telemetry_time("d1").expect("last"), Some(30));
+        assert_eq!(store.last_telemetry_time("d3").expect("last"), None);
+        // A batch stored with keep_from 25 removes d1's batches stored before 25, not d2's.
+        let mut write = WriteBatch::new();
+        write.put_telemetry("d1", 40, vec![40], 25);
+        store.write_blocking(write).expect("commit");
+        assert_eq!(
+            times(store.read_telemetry("d1", 0, u64::MAX, 100).expect("read")),
+            [30, 40]
+        );
+        assert_eq!(times(store.read_telemetry("d2", 0, u64::MAX, 100).expect("read")), [15]);
+        // Deleting a twin removes its telemetry; the rest survives a reopen.
+        let mut write = WriteBatch::new();
+        write.delete_twin("d2", 3);
+        store.write_blocking(write).expect("commit");
+        store.close();
+        let (store, _twins) = Store::open(&path, StoreOptions::default(), Limits::default()).expect("reopen");
+        assert_eq!(
+            times(store.read_telemetry("d1", 0, u64::MAX, 100).expect("read")),
+            [30, 40]
+        );
+        assert!(store.read_telemetry("d2", 0, u64::MAX, 100).expect("read").is_empty());
+        store.close();
     }
 
     #[test]

@@ -1592,6 +1592,187 @@ async fn telemetry_ingest_batch_answers_one_batch_or_fails_with_the_field_path()
     server.stop().await;
 }
 
+/// Reads every stored batch of `device_id`, `page_size` at a time.
+async fn read_all_telemetry(server: &Server, device_id: &str, page_size: u32) -> Vec<pb::StoredTelemetryBatch> {
+    let mut telemetry = server.telemetry().await;
+    let mut all = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = telemetry
+            .read(pb::ReadTelemetryRequest {
+                device_id: device_id.to_owned(),
+                after_unix_nanos: after,
+                until_unix_nanos: 0,
+                page_size,
+            })
+            .await
+            .expect("read")
+            .into_inner();
+        assert!(page.batches.len() <= page_size as usize);
+        all.extend(page.batches);
+        if page.next_after_unix_nanos == 0 {
+            return all;
+        }
+        after = page.next_after_unix_nanos;
+    }
+}
+
+#[tokio::test]
+async fn telemetry_is_stored_durably_read_back_in_pages_and_removed_with_its_twin() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(data.path()).await;
+    let mut twins = server.twins().await;
+    for id in ["tw-1", "tw-2"] {
+        twins.create_twin(create(id, "g", "", "")).await.expect("create");
+    }
+    // Values no float formatting would keep: stored bytes must come back bit for bit.
+    let sent: Vec<pb::TelemetryBatch> = (1..=5)
+        .map(|sequence| {
+            let mut batch = telemetry_batch("tw-1", sequence, 3, 2);
+            batch.sensors[0].channels[1].values = vec![0.1 * sequence as f64, 1.0 / 3.0, -2.5e-300];
+            batch
+        })
+        .collect();
+    let mut stream = sent.clone();
+    stream.insert(2, telemetry_batch("tw-2", 1, 2, 1));
+    stream.insert(3, telemetry_batch("nobody", 1, 2, 1));
+    let mut telemetry = server.telemetry().await;
+    let summary = telemetry
+        .ingest(tokio_stream::iter(stream))
+        .await
+        .expect("ingest")
+        .into_inner();
+    assert_eq!((summary.batches_accepted, summary.batches_rejected), (6, 1));
+    let unary = telemetry_batch("tw-1", 6, 1, 1);
+    telemetry.ingest_batch(unary.clone()).await.expect("ingest batch");
+    // Acknowledged ingest is stored: readable at once, oldest first, in pages.
+    let stored = read_all_telemetry(&server, "tw-1", 4).await;
+    let batches: Vec<pb::TelemetryBatch> = stored.iter().map(|entry| entry.batch.clone().expect("batch")).collect();
+    let mut expected = sent.clone();
+    expected.push(unary.clone());
+    assert_eq!(batches, expected);
+    assert!(
+        stored
+            .windows(2)
+            .all(|pair| pair[0].stored_unix_nanos < pair[1].stored_unix_nanos),
+        "storage times strictly increase"
+    );
+    assert_eq!(read_all_telemetry(&server, "tw-2", 100).await.len(), 1);
+    // A time window: only the batches stored after the second and up to the fourth.
+    let window = telemetry
+        .read(pb::ReadTelemetryRequest {
+            device_id: "tw-1".to_owned(),
+            after_unix_nanos: stored[1].stored_unix_nanos,
+            until_unix_nanos: stored[3].stored_unix_nanos,
+            page_size: 0,
+        })
+        .await
+        .expect("read window")
+        .into_inner();
+    assert_eq!(window.batches, stored[2..4].to_vec());
+    assert_eq!(window.next_after_unix_nanos, 0);
+
+    // A device's own stream stores its telemetry too, with the device id filled in.
+    let mut device = Device::connect(&server, hello("tw-1", 0)).await.expect("sync");
+    device.delta().await;
+    let from_stream = telemetry_batch("", 7, 2, 1);
+    device
+        .send(pb::device_message::Body::Telemetry(from_stream.clone()))
+        .await;
+    let mut filled = from_stream;
+    filled.stamp.get_or_insert_default().device_id = "tw-1".to_owned();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let stored = read_all_telemetry(&server, "tw-1", 100).await;
+        if stored.len() == 7 {
+            assert_eq!(stored[6].batch.as_ref(), Some(&filled));
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stream's batch was not stored"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(device);
+
+    // Bad reads.
+    let refused = telemetry
+        .read(pb::ReadTelemetryRequest {
+            device_id: "tw-1".to_owned(),
+            page_size: 1001,
+            ..pb::ReadTelemetryRequest::default()
+        })
+        .await
+        .expect_err("page too large");
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(refused.message().starts_with("page_size:"), "{}", refused.message());
+    let refused = telemetry
+        .read(pb::ReadTelemetryRequest {
+            device_id: "bad id!".to_owned(),
+            ..pb::ReadTelemetryRequest::default()
+        })
+        .await
+        .expect_err("bad id");
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    let refused = telemetry
+        .read(pb::ReadTelemetryRequest {
+            device_id: "nobody".to_owned(),
+            ..pb::ReadTelemetryRequest::default()
+        })
+        .await
+        .expect_err("unknown device");
+    assert_eq!(refused.code(), Code::NotFound);
+    server.stop().await;
+
+    // A restart keeps every stored batch; new ones are stored after them.
+    let server = Server::start(data.path()).await;
+    let before = read_all_telemetry(&server, "tw-1", 100).await;
+    assert_eq!(before.len(), 7);
+    let mut telemetry = server.telemetry().await;
+    telemetry
+        .ingest_batch(telemetry_batch("tw-1", 8, 1, 1))
+        .await
+        .expect("ingest after restart");
+    let after = read_all_telemetry(&server, "tw-1", 100).await;
+    assert_eq!(after.len(), 8);
+    assert_eq!(after[..7], before[..]);
+    assert!(after[7].stored_unix_nanos > before[6].stored_unix_nanos);
+    // Deleting the twin deletes its telemetry; a twin created again under the id starts empty.
+    let mut twins = server.twins().await;
+    twins
+        .delete_twin(pb::DeleteTwinRequest {
+            device_id: "tw-1".to_owned(),
+            ..pb::DeleteTwinRequest::default()
+        })
+        .await
+        .expect("delete");
+    twins
+        .create_twin(create("tw-1", "g", "", ""))
+        .await
+        .expect("create again");
+    assert!(read_all_telemetry(&server, "tw-1", 100).await.is_empty());
+    assert_eq!(read_all_telemetry(&server, "tw-2", 100).await.len(), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn with_no_retention_telemetry_is_counted_not_stored() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = Server::start_with(data.path(), |config| config.store.telemetry_retention_s = 0).await;
+    let mut twins = server.twins().await;
+    twins.create_twin(create("tw-1", "g", "", "")).await.expect("create");
+    let mut telemetry = server.telemetry().await;
+    let summary = telemetry
+        .ingest_batch(telemetry_batch("tw-1", 1, 4, 2))
+        .await
+        .expect("ingest")
+        .into_inner();
+    assert_eq!(summary.samples_accepted, 8);
+    assert!(read_all_telemetry(&server, "tw-1", 100).await.is_empty());
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn telemetry_needs_an_operator_token() {
     use twin_server::serve::auth::{AuthConfig, DeviceToken};

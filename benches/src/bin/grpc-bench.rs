@@ -44,9 +44,26 @@ use twin_proto::v1::device_sync_client::DeviceSyncClient;
 use twin_proto::v1::twins_client::TwinsClient;
 use twin_server::serve::{ServeConfig, serve};
 
-/// The allocator of the `twin` binary, so the in-process server runs as `twin serve` does.
+/// The allocator of the `twin` binary (jemalloc), so the in-process server runs as `twin serve`
+/// does; `--features system-allocator` or `--features mimalloc` build the others for
+/// side-by-side runs.
+#[cfg(not(any(feature = "system-allocator", feature = "mimalloc")))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// mimalloc, for a side-by-side run (`--features mimalloc`).
+#[cfg(all(feature = "mimalloc", not(feature = "system-allocator")))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// The global allocator this binary was built with, printed before each result.
+const ALLOCATOR_NAME: &str = if cfg!(feature = "system-allocator") {
+    "system (glibc malloc)"
+} else if cfg!(feature = "mimalloc") {
+    "mimalloc"
+} else {
+    "jemalloc"
+};
 
 /// The live twin server measured through its gRPC API.
 #[derive(Parser, Debug)]
@@ -132,6 +149,7 @@ struct MemoryArgs {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    eprintln!("grpc-bench: allocator {ALLOCATOR_NAME}");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.threads.max(1))
         .enable_all()

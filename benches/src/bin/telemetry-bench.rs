@@ -11,7 +11,10 @@
 //! batched run sends `--samples` samples as `Ingest` batches of `--batch-samples` samples each
 //! (one sensor, `--channels` channels), built as they are sent; the unary run sends
 //! `--unary-samples` `IngestBatch` calls of one sample each, from `--unary-in-flight` concurrent
-//! callers on one connection. Each run checks that the server accepted every sample.
+//! callers on one connection. Each run checks that the server accepted every sample. Accepted
+//! batches are stored durably before each call answers (the server's default
+//! `store.telemetry_retention_s`); `--telemetry-retention-s 0` measures checking and counting
+//! without storing, for comparison.
 
 use std::time::Instant;
 
@@ -52,6 +55,9 @@ struct Args {
     /// Tokio worker threads (server and client share them).
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// The server's `store.telemetry_retention_s`: 0 stores nothing (checks and counts only).
+    #[arg(long, default_value_t = 86_400)]
+    telemetry_retention_s: u64,
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -155,11 +161,12 @@ async fn bench(args: Args) -> Result<()> {
     let data = tempfile::tempdir().context("temp folder")?;
     let listener = TcpListener::bind("127.0.0.1:0").await.context("bind 127.0.0.1:0")?;
     let address = listener.local_addr().context("local address")?;
-    let config = ServeConfig {
+    let mut config = ServeConfig {
         listen: address,
         data_dir: data.path().to_owned(),
         ..ServeConfig::default()
     };
+    config.store.telemetry_retention_s = args.telemetry_retention_s;
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(serve(listener, config, async {
         let _stopped = stopped.await;
@@ -192,10 +199,15 @@ async fn bench(args: Args) -> Result<()> {
     }
     let (batched, unary) = (median(batched), median(unary));
     println!(
-        "batches of {} samples ({} channels), {} samples | batched {:.0} samples/s | unary ({} in flight) {:.0} samples/s | ratio {:.1}x (medians of {} runs)",
+        "batches of {} samples ({} channels), {} samples, {} | batched {:.0} samples/s | unary ({} in flight) {:.0} samples/s | ratio {:.1}x (medians of {} runs)",
         args.batch_samples,
         args.channels,
         args.samples,
+        if args.telemetry_retention_s == 0 {
+            "not stored"
+        } else {
+            "stored durably"
+        },
         batched,
         args.unary_in_flight,
         unary,

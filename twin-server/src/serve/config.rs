@@ -113,6 +113,10 @@ pub struct StoreConfig {
     /// redb's page cache in MiB (default 64). Twins are read from the file only at start, so
     /// the cache mostly serves commits; redb's own default (1 GiB) would hold much of the file.
     pub cache_mib: usize,
+    /// How long accepted telemetry batches are kept, in seconds (default 86400, one day): a
+    /// device's older batches are removed when it stores a new one. 0 stores no telemetry
+    /// (batches are checked and counted only).
+    pub telemetry_retention_s: u64,
 }
 
 /// Settings of Twins.Watch.
@@ -196,6 +200,7 @@ impl Default for StoreConfig {
             queue_capacity: 1024,
             max_batch: 8192,
             cache_mib: 64,
+            telemetry_retention_s: 86_400,
         }
     }
 }

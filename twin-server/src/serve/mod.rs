@@ -55,7 +55,7 @@ use inference_check::InferenceChecker;
 use models_service::{ModelCatalog, ModelsService};
 use simulation_service::SimulationService;
 use sync_service::SyncService;
-use telemetry_service::TelemetryService;
+use telemetry_service::{TelemetryService, TelemetryStorage};
 use twins_service::TwinsService;
 
 use crate::store::{Store, StoreError};
@@ -153,12 +153,14 @@ pub async fn serve_listeners(
         };
         tasks.spawn(metrics::run(listener, sources, token.clone(), tasks.clone()));
     }
+    let storage = TelemetryStorage::new(store.clone(), config.store.telemetry_retention_s);
     let outcome = run_grpc(
         listeners.grpc,
         &config,
         tls.as_ref(),
         engine.clone(),
         &shared,
+        storage,
         catalog,
         token.clone(),
         tasks.clone(),
@@ -191,6 +193,7 @@ async fn run_grpc(
     tls: Option<&tls::LoadedTls>,
     engine: engine::EngineHandle,
     shared: &Arc<Shared>,
+    storage: TelemetryStorage,
     catalog: Arc<ModelCatalog>,
     token: CancellationToken,
     tasks: TaskTracker,
@@ -204,7 +207,7 @@ async fn run_grpc(
         token.clone(),
         tasks.clone(),
     );
-    let telemetry = TelemetryService::new(Arc::clone(shared), config.limits, token.clone());
+    let telemetry = TelemetryService::new(Arc::clone(shared), config.limits, storage.clone(), token.clone());
     let models = ModelsService::new(Arc::clone(&catalog), engine.clone(), Arc::clone(shared));
     let simulation = SimulationService::new(
         config.scenario_dir.clone(),
@@ -220,6 +223,7 @@ async fn run_grpc(
         config.limits,
         config.sync.outbound_capacity,
         sync_service::Inference { catalog, checker },
+        storage,
         token.clone(),
         tasks,
     );

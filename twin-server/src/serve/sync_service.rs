@@ -19,6 +19,8 @@ use super::convert::{from_timestamp, parse_patch};
 use super::engine::{Command, EngineHandle, HelloInput, SessionLink, Shared, hello_model};
 use super::inference_check::{CheckError, InferenceChecker, input_width, output_widths};
 use super::models_service::ModelCatalog;
+use super::telemetry_service::TelemetryStorage;
+use crate::store::StoreError;
 use crate::twins::{CheckOutcome, DesiredAck, Limits, ModelKey, Section, TwinError};
 
 /// Messages queued towards one device besides the deltas (acks and errors).
@@ -33,6 +35,7 @@ pub struct SyncService {
     outbound_capacity: usize,
     next_session: Arc<AtomicU64>,
     inference: Inference,
+    storage: TelemetryStorage,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -50,12 +53,17 @@ pub struct Inference {
 impl SyncService {
     /// The service over an engine, with the inference checker and the server's shutdown token
     /// and task tracker.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the service's parts, each passed once by `serve`"
+    )]
     pub fn new(
         engine: EngineHandle,
         shared: Arc<Shared>,
         limits: Limits,
         outbound_capacity: usize,
         inference: Inference,
+        storage: TelemetryStorage,
         shutdown: CancellationToken,
         tasks: TaskTracker,
     ) -> Self {
@@ -66,6 +74,7 @@ impl SyncService {
             outbound_capacity,
             next_session: Arc::new(AtomicU64::new(1)),
             inference,
+            storage,
             shutdown,
             tasks,
         }
@@ -128,6 +137,7 @@ impl DeviceSync for SyncService {
             shared: Arc::clone(&self.shared),
             limits: self.limits,
             inference: self.inference.clone(),
+            storage: self.storage.clone(),
             outbound,
             end,
             shutdown: self.shutdown.clone(),
@@ -144,6 +154,7 @@ struct Session {
     shared: Arc<Shared>,
     limits: Limits,
     inference: Inference,
+    storage: TelemetryStorage,
     outbound: Outbound,
     end: Arc<OnceLock<Status>>,
     shutdown: CancellationToken,
@@ -463,6 +474,24 @@ impl Session {
         for series in &batch.sensors {
             let rows = series.offsets_nanos.len() as u64;
             samples = samples.saturating_add(rows.saturating_mul(series.channels.len() as u64));
+        }
+        // Stored as the Telemetry service stores it; the stream has no telemetry acknowledgement,
+        // so the commit is not awaited. A full store queue refuses the batch.
+        let stored = self
+            .storage
+            .write(&self.device_id, batch)
+            .and_then(|write| write.map(|write| self.storage.store().try_submit(write)).transpose());
+        if let Err(error) = stored {
+            let code = match error {
+                StoreError::Busy { .. } => tonic::Code::ResourceExhausted,
+                _ => tonic::Code::Unavailable,
+            };
+            return Err(sync_error(
+                sequence,
+                code,
+                "telemetry",
+                &format!("the batch was not stored: {error}"),
+            ));
         }
         let counters = &self.shared.counters;
         counters.telemetry_batches.fetch_add(1, Ordering::Relaxed);

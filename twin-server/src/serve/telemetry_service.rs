@@ -1,17 +1,20 @@
-//! The `Telemetry` service: checks and counts columnar telemetry batches from gateways, off the
-//! engine thread.
+//! The `Telemetry` service: checks, counts and stores columnar telemetry batches from gateways,
+//! off the engine thread, and reads stored batches back.
 //!
-//! Ingest changes no twin state (no version, no revision, nothing to commit), so batches never
-//! go through the engine's command queue: a handler checks each batch against the published
-//! snapshot (is the device a live twin?) and the proto's array rules, then counts it in the
-//! shared atomic counters and in the per-device [`TelemetryLedger`]. A client stream is read one
-//! batch at a time, so a saturated server stops reading and HTTP/2 flow control holds the sender
-//! back; nothing is buffered beyond the batch being checked.
+//! Ingest changes no twin state (no version, no revision), so batches never go through the
+//! engine's command queue: a handler checks each batch against the published snapshot (is the
+//! device a live twin?) and the proto's array rules, counts it in the shared atomic counters and
+//! in the per-device [`TelemetryLedger`], and submits it to the store ([`TelemetryStorage`]),
+//! whose committer shares its group commits with the engine's writes. An ingest call answers
+//! only after every batch it accepted is committed. A client stream is read one batch at a time
+//! with at most [`STORE_WINDOW`] batches awaiting their commit, so a saturated server stops
+//! reading and HTTP/2 flow control holds the sender back.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use prost::Message;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use twin_proto::v1 as pb;
@@ -19,7 +22,102 @@ use twin_proto::v1::telemetry_server::Telemetry;
 
 use super::convert::twin_status;
 use super::engine::Shared;
+use crate::store::{PendingWrite, Store, StoreError, WriteBatch};
 use crate::twins::{Limits, TwinError};
+
+/// Batches of one ingest stream submitted to the store and not yet committed, at most.
+pub const STORE_WINDOW: usize = 64;
+/// The page size of `Read` when the request leaves it 0.
+pub const DEFAULT_READ_PAGE: u32 = 100;
+/// The largest page of `Read`.
+pub const MAX_READ_PAGE: u32 = 1000;
+
+/// Where accepted telemetry is stored: the twin store, and for how long. Gives each stored
+/// batch its storage time, strictly increasing per device (also across restarts: the first
+/// batch of a device after a start looks up the newest one stored).
+#[derive(Debug, Clone)]
+pub struct TelemetryStorage {
+    store: Store,
+    /// How long batches are kept; 0: telemetry is not stored.
+    retention_nanos: u64,
+    /// The storage time of each device's newest batch.
+    last_stored: Arc<Mutex<HashMap<String, u64>>>,
+}
+
+impl TelemetryStorage {
+    /// Stores into `store`, keeping each batch `retention_s` seconds (0: nothing is stored).
+    pub fn new(store: Store, retention_s: u64) -> Self {
+        TelemetryStorage {
+            store,
+            retention_nanos: retention_s.saturating_mul(1_000_000_000),
+            last_stored: Arc::default(),
+        }
+    }
+
+    /// Whether accepted batches are stored.
+    pub fn enabled(&self) -> bool {
+        self.retention_nanos > 0
+    }
+
+    /// The store the batches go to.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The write that stores `batch` of `device_id` (the stamp's device id filled in when it is
+    /// empty), or `None` when telemetry is not stored.
+    ///
+    /// # Errors
+    /// `Storage` when the newest stored time of a device seen for the first time cannot be read.
+    pub fn write(&self, device_id: &str, batch: &pb::TelemetryBatch) -> Result<Option<WriteBatch>, StoreError> {
+        if !self.enabled() {
+            return Ok(None);
+        }
+        let stored_at = self.storage_time(device_id)?;
+        let bytes = if batch.stamp.as_ref().is_some_and(|stamp| stamp.device_id.is_empty()) {
+            let mut filled = batch.clone();
+            if let Some(stamp) = filled.stamp.as_mut() {
+                device_id.clone_into(&mut stamp.device_id);
+            }
+            filled.encode_to_vec()
+        } else {
+            batch.encode_to_vec()
+        };
+        let mut write = WriteBatch::new();
+        write.put_telemetry(
+            device_id,
+            stored_at,
+            bytes,
+            stored_at.saturating_sub(self.retention_nanos),
+        );
+        Ok(Some(write))
+    }
+
+    fn storage_time(&self, device_id: &str) -> Result<u64, StoreError> {
+        let known = self
+            .last_stored
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(device_id)
+            .copied();
+        let restored = match known {
+            Some(last) => last,
+            None => self.store.last_telemetry_time(device_id)?.unwrap_or(0),
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| u64::try_from(since.as_nanos()).unwrap_or(u64::MAX));
+        let mut last_stored = self.last_stored.lock().unwrap_or_else(PoisonError::into_inner);
+        let last = last_stored.entry(device_id.to_owned()).or_insert(0);
+        let stored_at = now.max((*last).max(restored).saturating_add(1));
+        *last = stored_at;
+        Ok(stored_at)
+    }
+}
+
+fn store_status(error: &StoreError) -> Status {
+    Status::unavailable(format!("telemetry could not be stored: {error}"))
+}
 
 /// At most this many rejections are described in an `IngestSummary` (the proto's "first
 /// rejections (at most 100)"); later ones are only counted.
@@ -212,19 +310,50 @@ pub fn check_batch(
 pub struct TelemetryService {
     shared: Arc<Shared>,
     limits: Limits,
+    storage: TelemetryStorage,
     shutdown: CancellationToken,
 }
 
 impl TelemetryService {
     /// The service over the engine's published state (its snapshot for the live twins, its
-    /// counters and telemetry ledger to count into); streams end with UNAVAILABLE when
-    /// `shutdown` is cancelled.
-    pub fn new(shared: Arc<Shared>, limits: Limits, shutdown: CancellationToken) -> Self {
+    /// counters and telemetry ledger to count into), storing into `storage`; streams end with
+    /// UNAVAILABLE when `shutdown` is cancelled.
+    pub fn new(shared: Arc<Shared>, limits: Limits, storage: TelemetryStorage, shutdown: CancellationToken) -> Self {
         TelemetryService {
             shared,
             limits,
+            storage,
             shutdown,
         }
+    }
+
+    /// Checks, counts and submits one batch for storage; returns its samples and the pending
+    /// write (none when telemetry is not stored).
+    async fn accept_and_store(
+        &self,
+        batch: &pb::TelemetryBatch,
+        path: BatchPath,
+    ) -> Result<Result<(u64, Option<PendingWrite>), TwinError>, Status> {
+        let samples = match self.accept(batch, path) {
+            Ok(samples) => samples,
+            Err(error) => return Ok(Err(error)),
+        };
+        let device_id = batch.stamp.as_ref().map_or("", |stamp| stamp.device_id.as_str());
+        let pending = match self
+            .storage
+            .write(device_id, batch)
+            .map_err(|error| store_status(&error))?
+        {
+            Some(write) => Some(
+                self.storage
+                    .store()
+                    .submit(write)
+                    .await
+                    .map_err(|error| store_status(&error))?,
+            ),
+            None => None,
+        };
+        Ok(Ok((samples, pending)))
     }
 
     /// Checks and counts one batch; returns its samples.
@@ -259,6 +388,7 @@ impl Telemetry for TelemetryService {
         let mut inbound = request.into_inner();
         let mut summary = pb::IngestSummary::default();
         let mut index: u64 = 0;
+        let mut pending: VecDeque<PendingWrite> = VecDeque::with_capacity(STORE_WINDOW + 1);
         loop {
             let message = tokio::select! {
                 message = inbound.message() => message?,
@@ -267,10 +397,18 @@ impl Telemetry for TelemetryService {
             let Some(batch) = message else {
                 break;
             };
-            match self.accept(&batch, BatchPath::Stream(index)) {
-                Ok(samples) => {
+            match self.accept_and_store(&batch, BatchPath::Stream(index)).await? {
+                Ok((samples, write)) => {
                     summary.batches_accepted += 1;
                     summary.samples_accepted = summary.samples_accepted.saturating_add(samples);
+                    if let Some(write) = write {
+                        pending.push_back(write);
+                    }
+                    if pending.len() > STORE_WINDOW
+                        && let Some(oldest) = pending.pop_front()
+                    {
+                        oldest.wait().await.map_err(|error| store_status(&error))?;
+                    }
                 }
                 Err(error) => {
                     self.count_rejection();
@@ -293,23 +431,91 @@ impl Telemetry for TelemetryService {
             }
             index += 1;
         }
+        // Answer only when every accepted batch is durable.
+        for write in pending {
+            write.wait().await.map_err(|error| store_status(&error))?;
+        }
         Ok(Response::new(summary))
     }
 
     async fn ingest_batch(&self, request: Request<pb::TelemetryBatch>) -> Result<Response<pb::IngestSummary>, Status> {
         let batch = request.into_inner();
-        match self.accept(&batch, BatchPath::Unary) {
-            Ok(samples) => Ok(Response::new(pb::IngestSummary {
-                batches_accepted: 1,
-                samples_accepted: samples,
-                batches_rejected: 0,
-                rejected: Vec::new(),
-            })),
+        match self.accept_and_store(&batch, BatchPath::Unary).await? {
+            Ok((samples, write)) => {
+                if let Some(write) = write {
+                    write.wait().await.map_err(|error| store_status(&error))?;
+                }
+                Ok(Response::new(pb::IngestSummary {
+                    batches_accepted: 1,
+                    samples_accepted: samples,
+                    batches_rejected: 0,
+                    rejected: Vec::new(),
+                }))
+            }
             Err(error) => {
                 self.count_rejection();
                 Err(twin_status(&error))
             }
         }
+    }
+
+    async fn read(
+        &self,
+        request: Request<pb::ReadTelemetryRequest>,
+    ) -> Result<Response<pb::ReadTelemetryResponse>, Status> {
+        let request = request.into_inner();
+        self.limits
+            .check_id("device_id", &request.device_id)
+            .map_err(|error| twin_status(&error))?;
+        let page_size = match request.page_size {
+            0 => DEFAULT_READ_PAGE,
+            size if size > MAX_READ_PAGE => {
+                return Err(twin_status(&TwinError::invalid(
+                    "page_size",
+                    format!("{size} is above the largest page, {MAX_READ_PAGE}"),
+                )));
+            }
+            size => size,
+        };
+        if !self.shared.snapshot.read().twins.contains_key(&request.device_id) {
+            return Err(twin_status(&TwinError::NotFound {
+                twin_id: request.device_id,
+            }));
+        }
+        let until = match request.until_unix_nanos {
+            0 => u64::MAX,
+            until => until,
+        };
+        let store = self.storage.store().clone();
+        let device_id = request.device_id.clone();
+        let after = request.after_unix_nanos;
+        let stored =
+            tokio::task::spawn_blocking(move || store.read_telemetry(&device_id, after, until, page_size as usize))
+                .await
+                .map_err(|error| Status::internal(format!("the telemetry reader failed: {error}")))?
+                .map_err(|error| Status::unavailable(format!("telemetry could not be read: {error}")))?;
+        let full = stored.len() == page_size as usize;
+        let mut batches = Vec::with_capacity(stored.len());
+        for entry in stored {
+            let batch = pb::TelemetryBatch::decode(entry.batch.as_slice()).map_err(|error| {
+                Status::data_loss(format!(
+                    "the telemetry batch of {:?} stored at {} cannot be decoded: {error}",
+                    request.device_id, entry.stored_at
+                ))
+            })?;
+            batches.push(pb::StoredTelemetryBatch {
+                stored_unix_nanos: entry.stored_at,
+                batch: Some(batch),
+            });
+        }
+        let next_after_unix_nanos = match batches.last() {
+            Some(last) if full => last.stored_unix_nanos,
+            _ => 0,
+        };
+        Ok(Response::new(pb::ReadTelemetryResponse {
+            batches,
+            next_after_unix_nanos,
+        }))
     }
 }
 
