@@ -714,7 +714,8 @@ fn commit<'a>(database: &Database, batches: impl Iterator<Item = &'a WriteBatch>
         let mut tombstones = transaction.open_table(TOMBSTONES)?;
         let mut revisions = transaction.open_table(REVISIONS)?;
         let mut meta = transaction.open_table(META)?;
-        let mut telemetry = transaction.open_table(TELEMETRY)?;
+        // Opened on first use: most commits carry no telemetry and no deletion.
+        let mut telemetry = None;
         let mut any_tombstone = !tombstones.is_empty()?;
         for batch in batches {
             for operation in &batch.operations {
@@ -738,8 +739,13 @@ fn commit<'a>(database: &Database, batches: impl Iterator<Item = &'a WriteBatch>
                         tombstones.insert(twin_id.as_str(), *version)?;
                         revisions.remove(twin_id.as_str())?;
                         any_tombstone = true;
-                        let id = twin_id.as_str();
-                        telemetry.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
+                        if telemetry.is_none() {
+                            telemetry = Some(transaction.open_table(TELEMETRY)?);
+                        }
+                        if let Some(table) = telemetry.as_mut() {
+                            let id = twin_id.as_str();
+                            table.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
+                        }
                     }
                     Operation::Telemetry {
                         device_id,
@@ -747,10 +753,15 @@ fn commit<'a>(database: &Database, batches: impl Iterator<Item = &'a WriteBatch>
                         batch,
                         keep_from,
                     } => {
-                        let id = device_id.as_str();
-                        telemetry.insert((id, *stored_at), batch.as_slice())?;
-                        if *keep_from > 0 {
-                            telemetry.retain_in((id, 0)..(id, *keep_from), |_, _| false)?;
+                        if telemetry.is_none() {
+                            telemetry = Some(transaction.open_table(TELEMETRY)?);
+                        }
+                        if let Some(table) = telemetry.as_mut() {
+                            let id = device_id.as_str();
+                            table.insert((id, *stored_at), batch.as_slice())?;
+                            if *keep_from > 0 {
+                                table.retain_in((id, 0)..(id, *keep_from), |_, _| false)?;
+                            }
                         }
                     }
                     Operation::Revision(revision) => {
