@@ -889,7 +889,8 @@ const CRASH_CHILD_ENV: &str = "TWIN_STORE_CRASH_CHILD_DB";
 
 /// The child half of `sigkill_keeps_every_acknowledged_write`: does nothing unless the parent
 /// set the environment variable. Writes forever (bounded: 60 s) from four threads, printing each
-/// acknowledged write.
+/// acknowledged write: a twin update and, in the same write, a telemetry batch stored at time
+/// `counter` whose bytes are the counter.
 #[test]
 fn crash_child_writer() {
     let Ok(path) = std::env::var(CRASH_CHILD_ENV) else {
@@ -912,7 +913,7 @@ fn crash_child_writer() {
                 let mut counter = 0_u64;
                 while Instant::now() < deadline {
                     counter += 1;
-                    let (batch, version) = {
+                    let (mut batch, version) = {
                         let mut twins = twins.lock().expect("lock");
                         let patch = merge(json!({ "counter": counter }));
                         let outcome = twins
@@ -923,6 +924,7 @@ fn crash_child_writer() {
                             outcome.version,
                         )
                     };
+                    batch.put_telemetry(&id, counter, counter.to_le_bytes().to_vec(), 0);
                     store.write_blocking(batch).expect("commit");
                     println!("ack {id} {version} {counter}");
                 }
@@ -991,7 +993,7 @@ fn sigkill_keeps_every_acknowledged_write() {
         acks += usize::from(record(&line, &mut acknowledged));
     }
 
-    let (_store, twins) = Store::open(&path, StoreOptions::default(), Limits::default()).expect("reopen");
+    let (store, twins) = Store::open(&path, StoreOptions::default(), Limits::default()).expect("reopen");
     assert_eq!(acknowledged.len(), 4);
     for (id, (version, counter)) in &acknowledged {
         let twin = twins.get(id).unwrap_or_else(|| panic!("{id} lost"));
@@ -1005,7 +1007,24 @@ fn sigkill_keeps_every_acknowledged_write() {
             stored >= *counter,
             "{id}: acknowledged counter {counter}, found {stored}"
         );
+        // Each writer waits for every acknowledgement, so telemetry 1..=counter was acknowledged.
+        let telemetry = store
+            .read_telemetry(id, 0, *counter, usize::MAX)
+            .expect("read telemetry");
+        let times: Vec<u64> = telemetry.iter().map(|entry| entry.stored_at).collect();
+        assert_eq!(
+            times,
+            (1..=*counter).collect::<Vec<_>>(),
+            "{id}: acknowledged telemetry lost"
+        );
+        assert!(
+            telemetry
+                .iter()
+                .all(|entry| entry.batch == entry.stored_at.to_le_bytes()),
+            "{id}: telemetry bytes changed"
+        );
     }
+    store.close();
     eprintln!("{acks} acknowledged writes all present after SIGKILL");
 }
 
