@@ -108,10 +108,18 @@ impl TelemetryStorage {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |since| u64::try_from(since.as_nanos()).unwrap_or(u64::MAX));
         let mut last_stored = self.last_stored.lock().unwrap_or_else(PoisonError::into_inner);
-        let last = last_stored.entry(device_id.to_owned()).or_insert(0);
-        let stored_at = now.max((*last).max(restored).saturating_add(1));
-        *last = stored_at;
-        Ok(stored_at)
+        match last_stored.get_mut(device_id) {
+            Some(last) => {
+                let stored_at = now.max((*last).max(restored).saturating_add(1));
+                *last = stored_at;
+                Ok(stored_at)
+            }
+            None => {
+                let stored_at = now.max(restored.saturating_add(1));
+                last_stored.insert(device_id.to_owned(), stored_at);
+                Ok(stored_at)
+            }
+        }
     }
 }
 
