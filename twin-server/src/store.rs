@@ -14,10 +14,11 @@
 //!   live server, [`WriteBatch::put_twin_at`]; absent for twins written without one);
 //! - `meta`: `schema_version` -> 1, and `revision` -> the last fleet-wide revision committed
 //!   ([`WriteBatch::set_revision`]), so that revisions are never reused after a restart;
-//! - `telemetry`: (device id, the server's storage time in Unix nanoseconds, strictly increasing
-//!   per device) -> one telemetry batch as received (`twin.v1.TelemetryBatch`, protobuf bytes),
-//!   [`WriteBatch::put_telemetry`]; a device's batches older than its retention are removed when
-//!   it stores the next one, and all of them when its twin is deleted.
+//! - `telemetry`: (device id, the storage time the committer gives it: Unix nanoseconds,
+//!   strictly increasing per device) -> one telemetry batch as received
+//!   (`twin.v1.TelemetryBatch`, protobuf bytes), [`WriteBatch::put_telemetry`]; a device's
+//!   batches older than its retention are removed when it stores the next one, and all of them
+//!   when its twin is deleted.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -153,9 +154,8 @@ enum Operation {
     Revision(u64),
     Telemetry {
         device_id: String,
-        stored_at: u64,
         batch: Vec<u8>,
-        keep_from: u64,
+        retention_nanos: u64,
     },
 }
 
@@ -217,15 +217,16 @@ impl WriteBatch {
         });
     }
 
-    /// Stores one telemetry batch of `device_id` (protobuf bytes) under `stored_at` (Unix
-    /// nanoseconds, strictly increasing per device: a batch with the same key replaces the
-    /// earlier one), and removes the device's batches stored before `keep_from` (0 keeps all).
-    pub fn put_telemetry(&mut self, device_id: &str, stored_at: u64, batch: Vec<u8>, keep_from: u64) {
+    /// Stores one telemetry batch of `device_id` (protobuf bytes). The committer gives it its
+    /// storage time: the commit's wall-clock time in Unix nanoseconds, or one past the device's
+    /// newest stored batch when that is later, so times strictly increase per device (also
+    /// across restarts and clock steps back). Removes the device's batches stored more than
+    /// `retention_nanos` before it (0 keeps all).
+    pub fn put_telemetry(&mut self, device_id: &str, batch: Vec<u8>, retention_nanos: u64) {
         self.operations.push(Operation::Telemetry {
             device_id: device_id.to_owned(),
-            stored_at,
             batch,
-            keep_from,
+            retention_nanos,
         });
     }
 
@@ -489,21 +490,6 @@ impl Store {
         Ok(found)
     }
 
-    /// The newest storage time of `device_id`'s telemetry, if it has any stored (so that new
-    /// batches are stored after it, also after a restart).
-    ///
-    /// # Errors
-    /// `Storage` when the file cannot be read.
-    pub fn last_telemetry_time(&self, device_id: &str) -> Result<Option<u64>, StoreError> {
-        let transaction = self.reader()?.begin_read()?;
-        let table = transaction.open_table(TELEMETRY)?;
-        let last = table.range((device_id, 0)..=(device_id, u64::MAX))?.next_back();
-        match last {
-            Some(entry) => Ok(Some(entry?.0.value().1)),
-            None => Ok(None),
-        }
-    }
-
     fn reader(&self) -> Result<Arc<Database>, StoreError> {
         self.database
             .read()
@@ -716,6 +702,10 @@ fn commit<'a>(database: &Database, batches: impl Iterator<Item = &'a WriteBatch>
         let mut meta = transaction.open_table(META)?;
         // Opened on first use: most commits carry no telemetry and no deletion.
         let mut telemetry = None;
+        // The storage time of the commit's telemetry batches.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| u64::try_from(since.as_nanos()).unwrap_or(u64::MAX));
         let mut any_tombstone = !tombstones.is_empty()?;
         for batch in batches {
             for operation in &batch.operations {
@@ -749,18 +739,23 @@ fn commit<'a>(database: &Database, batches: impl Iterator<Item = &'a WriteBatch>
                     }
                     Operation::Telemetry {
                         device_id,
-                        stored_at,
                         batch,
-                        keep_from,
+                        retention_nanos,
                     } => {
                         if telemetry.is_none() {
                             telemetry = Some(transaction.open_table(TELEMETRY)?);
                         }
                         if let Some(table) = telemetry.as_mut() {
                             let id = device_id.as_str();
-                            table.insert((id, *stored_at), batch.as_slice())?;
-                            if *keep_from > 0 {
-                                table.retain_in((id, 0)..(id, *keep_from), |_, _| false)?;
+                            let newest = match table.range((id, 0)..=(id, u64::MAX))?.next_back() {
+                                Some(entry) => Some(entry?.0.value().1),
+                                None => None,
+                            };
+                            let stored_at = newest.map_or(now, |newest| now.max(newest.saturating_add(1)));
+                            table.insert((id, stored_at), batch.as_slice())?;
+                            if *retention_nanos > 0 {
+                                let keep_from = stored_at.saturating_sub(*retention_nanos);
+                                table.retain_in((id, 0)..(id, keep_from), |_, _| false)?;
                             }
                         }
                     }
@@ -906,50 +901,57 @@ mod tests {
         let path = dir.path().join("twin.redb");
         let (store, _twins) = Store::open(&path, StoreOptions::default(), Limits::default()).expect("open");
         let mut write = WriteBatch::new();
-        for at in [10, 20, 30] {
-            write.put_telemetry("d1", at, vec![u8::try_from(at).expect("small")], 0);
+        for byte in [10, 20, 30] {
+            write.put_telemetry("d1", vec![byte], 0);
         }
-        write.put_telemetry("d2", 15, vec![1, 2, 3], 0);
+        write.put_telemetry("d2", vec![1, 2, 3], 0);
         store.write_blocking(write).expect("commit");
-        let times = |found: Vec<StoredTelemetry>| found.iter().map(|entry| entry.stored_at).collect::<Vec<_>>();
+        let times = |found: &[StoredTelemetry]| found.iter().map(|entry| entry.stored_at).collect::<Vec<_>>();
+        let bytes = |found: &[StoredTelemetry]| found.iter().map(|entry| entry.batch.clone()).collect::<Vec<_>>();
+        let all = store.read_telemetry("d1", 0, u64::MAX, 100).expect("read");
+        // Three batches of one device in one commit: in order, times strictly increasing.
+        assert_eq!(bytes(&all), [vec![10], vec![20], vec![30]]);
+        let t = times(&all);
+        assert!(t[0] < t[1] && t[1] < t[2], "{t:?}");
         assert_eq!(
-            times(store.read_telemetry("d1", 0, u64::MAX, 100).expect("read")),
-            [10, 20, 30]
-        );
-        assert_eq!(times(store.read_telemetry("d1", 10, 30, 100).expect("read")), [20, 30]);
-        assert_eq!(
-            times(store.read_telemetry("d1", 0, u64::MAX, 2).expect("read")),
-            [10, 20]
-        );
-        assert_eq!(
-            times(store.read_telemetry("d1", 30, u64::MAX, 100).expect("read")),
-            [] as [u64; 0]
+            times(&store.read_telemetry("d1", t[0], t[2], 100).expect("read")),
+            t[1..]
         );
         assert_eq!(
-            store.read_telemetry("d2", 0, u64::MAX, 100).expect("read")[0].batch,
-            [1, 2, 3]
+            times(&store.read_telemetry("d1", 0, u64::MAX, 2).expect("read")),
+            t[..2]
         );
-        assert_eq!(store.last_telemetry_time("d1").expect("last"), Some(30));
-        assert_eq!(store.last_telemetry_time("d3").expect("last"), None);
-        // A batch stored with keep_from 25 removes d1's batches stored before 25, not d2's.
+        assert!(
+            store
+                .read_telemetry("d1", t[2], u64::MAX, 100)
+                .expect("read")
+                .is_empty()
+        );
+        assert_eq!(
+            bytes(&store.read_telemetry("d2", 0, u64::MAX, 100).expect("read")),
+            [vec![1, 2, 3]]
+        );
+        // A later batch is stored after the newest; a retention of 1 ns then removes every
+        // earlier batch of d1 (they are older than that), not d2's.
         let mut write = WriteBatch::new();
-        write.put_telemetry("d1", 40, vec![40], 25);
+        write.put_telemetry("d1", vec![40], u64::MAX);
         store.write_blocking(write).expect("commit");
-        assert_eq!(
-            times(store.read_telemetry("d1", 0, u64::MAX, 100).expect("read")),
-            [30, 40]
-        );
-        assert_eq!(times(store.read_telemetry("d2", 0, u64::MAX, 100).expect("read")), [15]);
+        let kept = store.read_telemetry("d1", 0, u64::MAX, 100).expect("read");
+        assert_eq!(kept.len(), 4);
+        assert!(kept[3].stored_at > t[2]);
+        let mut write = WriteBatch::new();
+        write.put_telemetry("d1", vec![50], 1);
+        store.write_blocking(write).expect("commit");
+        let kept = store.read_telemetry("d1", 0, u64::MAX, 100).expect("read");
+        assert_eq!(bytes(&kept), [vec![50]]);
+        assert_eq!(store.read_telemetry("d2", 0, u64::MAX, 100).expect("read").len(), 1);
         // Deleting a twin removes its telemetry; the rest survives a reopen.
         let mut write = WriteBatch::new();
         write.delete_twin("d2", 3);
         store.write_blocking(write).expect("commit");
         store.close();
         let (store, _twins) = Store::open(&path, StoreOptions::default(), Limits::default()).expect("reopen");
-        assert_eq!(
-            times(store.read_telemetry("d1", 0, u64::MAX, 100).expect("read")),
-            [30, 40]
-        );
+        assert_eq!(store.read_telemetry("d1", 0, u64::MAX, 100).expect("read"), kept);
         assert!(store.read_telemetry("d2", 0, u64::MAX, 100).expect("read").is_empty());
         store.close();
     }

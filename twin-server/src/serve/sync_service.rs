@@ -480,7 +480,8 @@ impl Session {
         let stored = self
             .storage
             .write(&self.device_id, batch)
-            .and_then(|write| write.map(|write| self.storage.store().try_submit(write)).transpose());
+            .map(|write| self.storage.store().try_submit(write))
+            .transpose();
         if let Err(error) = stored {
             let code = match error {
                 StoreError::Busy { .. } => tonic::Code::ResourceExhausted,

@@ -32,16 +32,13 @@ pub const DEFAULT_READ_PAGE: u32 = 100;
 /// The largest page of `Read`.
 pub const MAX_READ_PAGE: u32 = 1000;
 
-/// Where accepted telemetry is stored: the twin store, and for how long. Gives each stored
-/// batch its storage time, strictly increasing per device (also across restarts: the first
-/// batch of a device after a start looks up the newest one stored).
+/// Where accepted telemetry is stored: the twin store, and for how long (the store's committer
+/// gives each batch its storage time).
 #[derive(Debug, Clone)]
 pub struct TelemetryStorage {
     store: Store,
     /// How long batches are kept; 0: telemetry is not stored.
     retention_nanos: u64,
-    /// The storage time of each device's newest batch.
-    last_stored: Arc<Mutex<HashMap<String, u64>>>,
 }
 
 impl TelemetryStorage {
@@ -50,13 +47,7 @@ impl TelemetryStorage {
         TelemetryStorage {
             store,
             retention_nanos: retention_s.saturating_mul(1_000_000_000),
-            last_stored: Arc::default(),
         }
-    }
-
-    /// Whether accepted batches are stored.
-    pub fn enabled(&self) -> bool {
-        self.retention_nanos > 0
     }
 
     /// The store the batches go to.
@@ -66,14 +57,10 @@ impl TelemetryStorage {
 
     /// The write that stores `batch` of `device_id` (the stamp's device id filled in when it is
     /// empty), or `None` when telemetry is not stored.
-    ///
-    /// # Errors
-    /// `Storage` when the newest stored time of a device seen for the first time cannot be read.
-    pub fn write(&self, device_id: &str, batch: &pb::TelemetryBatch) -> Result<Option<WriteBatch>, StoreError> {
-        if !self.enabled() {
-            return Ok(None);
+    pub fn write(&self, device_id: &str, batch: &pb::TelemetryBatch) -> Option<WriteBatch> {
+        if self.retention_nanos == 0 {
+            return None;
         }
-        let stored_at = self.storage_time(device_id)?;
         let bytes = if batch.stamp.as_ref().is_some_and(|stamp| stamp.device_id.is_empty()) {
             let mut filled = batch.clone();
             if let Some(stamp) = filled.stamp.as_mut() {
@@ -84,42 +71,8 @@ impl TelemetryStorage {
             batch.encode_to_vec()
         };
         let mut write = WriteBatch::new();
-        write.put_telemetry(
-            device_id,
-            stored_at,
-            bytes,
-            stored_at.saturating_sub(self.retention_nanos),
-        );
-        Ok(Some(write))
-    }
-
-    fn storage_time(&self, device_id: &str) -> Result<u64, StoreError> {
-        let known = self
-            .last_stored
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(device_id)
-            .copied();
-        let restored = match known {
-            Some(last) => last,
-            None => self.store.last_telemetry_time(device_id)?.unwrap_or(0),
-        };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |since| u64::try_from(since.as_nanos()).unwrap_or(u64::MAX));
-        let mut last_stored = self.last_stored.lock().unwrap_or_else(PoisonError::into_inner);
-        match last_stored.get_mut(device_id) {
-            Some(last) => {
-                let stored_at = now.max((*last).max(restored).saturating_add(1));
-                *last = stored_at;
-                Ok(stored_at)
-            }
-            None => {
-                let stored_at = now.max(restored.saturating_add(1));
-                last_stored.insert(device_id.to_owned(), stored_at);
-                Ok(stored_at)
-            }
-        }
+        write.put_telemetry(device_id, bytes, self.retention_nanos);
+        Some(write)
     }
 }
 
@@ -347,11 +300,7 @@ impl TelemetryService {
             Err(error) => return Ok(Err(error)),
         };
         let device_id = batch.stamp.as_ref().map_or("", |stamp| stamp.device_id.as_str());
-        let pending = match self
-            .storage
-            .write(device_id, batch)
-            .map_err(|error| store_status(&error))?
-        {
+        let pending = match self.storage.write(device_id, batch) {
             Some(write) => Some(
                 self.storage
                     .store()
