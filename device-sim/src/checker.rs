@@ -57,8 +57,9 @@ impl Ledger {
             .record_nanos(received_unix_nanos - stamp.intended_send_unix_nanos);
     }
 
-    /// Whether the checker can stop: everything sent has arrived once the fleet has flushed,
-    /// or the drain time since then is over, or the run is stopped hard.
+    /// Whether the checker can stop: everything that left the edge has arrived once the fleet
+    /// has flushed (messages a partitioned gateway lost or still holds never leave it), or the
+    /// drain time since then is over, or the run is stopped hard.
     pub fn done(&self, shared: &Shared, flushed_at: &mut Option<Instant>) -> bool {
         if shared.hard_stop.is_cancelled() {
             return true;
@@ -67,7 +68,11 @@ impl Ledger {
             return false;
         }
         let since = *flushed_at.get_or_insert_with(Instant::now);
-        self.distinct >= Counters::get(&shared.counters.sent) || since.elapsed() >= shared.settings.drain_timeout
+        let counters = &shared.counters;
+        let expected = Counters::get(&counters.sent)
+            .saturating_sub(Counters::get(&counters.partition_lost))
+            .saturating_sub(Counters::get(&counters.partition_remaining));
+        self.distinct >= expected || since.elapsed() >= shared.settings.drain_timeout
     }
 }
 

@@ -1,5 +1,5 @@
 //! A virtual device's own behaviour beyond its readings: applying desired changes (upload
-//! settings, sampling, model version) and running its model on its windows with
+//! settings, sampling rate, model version) and running its model on its windows with
 //! `twin_core::inference`, as the device would on the edge.
 
 use std::path::{Path, PathBuf};
@@ -118,8 +118,9 @@ pub struct Applied {
 }
 
 /// Applies a desired delta on device `device`: `upload` (`"raw"`, `"summary"` or
-/// `{ mode, window }`) changes how it sends, `model` (`{ name, version }` or `"name@version"`)
-/// loads and runs that version, anything else (`sampling`, ...) is taken as given. Applied keys
+/// `{ mode, window }`) changes how it sends, `sampling` (`{ rate_hz }`, or `null` for the
+/// scenario's rates) thins each sensor's readings to that rate, `model` (`{ name, version }` or
+/// `"name@version"`) loads and runs that version; any other key is taken as given. Applied keys
 /// are reported with the desired value, so the delta closes.
 pub fn apply_delta(
     shared: &Shared,
@@ -132,6 +133,7 @@ pub fn apply_delta(
     for (key, value) in delta {
         let result = match key.as_str() {
             "upload" => apply_upload(shared, device, value),
+            "sampling" => apply_sampling(shared, device, value),
             "model" => apply_model(shared, value, models, model).map(|()| {
                 model
                     .as_ref()
@@ -198,6 +200,63 @@ fn apply_upload(shared: &Shared, device: u32, value: &Value) -> Result<Option<Va
     Ok(None)
 }
 
+/// `sampling`: `{ "rate_hz": R }` or `null`. The device's readings come from the scenario's
+/// stream, so it can sample more slowly than the scenario's rate, never faster: a rate above
+/// one of its sensors' is refused, naming the sensor.
+fn apply_sampling(shared: &Shared, device: u32, value: &Value) -> Result<Option<Value>, (i32, String)> {
+    let command = shared.commands.get(device as usize);
+    let fields = match value {
+        Value::Null => {
+            if let Some(command) = command {
+                command.set_sampling(None);
+            }
+            return Ok(None);
+        }
+        Value::Object(fields) => fields,
+        _ => return Err((400, "sampling: expected { \"rate_hz\": number } or null".into())),
+    };
+    if let Some(unknown) = fields.keys().find(|k| *k != "rate_hz") {
+        return Err((
+            400,
+            format!("sampling.{unknown}: unknown setting (a simulated device applies rate_hz)"),
+        ));
+    }
+    let Some(rate) = fields.get("rate_hz") else {
+        // A delta holds only the leaves that differ: nothing here changes the rate.
+        return Ok(None);
+    };
+    let rate = match rate {
+        Value::Null => {
+            if let Some(command) = command {
+                command.set_sampling(None);
+            }
+            return Ok(None);
+        }
+        Value::Number(n) => n.as_f64().unwrap_or(f64::NAN),
+        _ => return Err((400, "sampling.rate_hz: expected a number of Hz".into())),
+    };
+    if !(rate.is_finite() && rate > 0.0) {
+        return Err((400, format!("sampling.rate_hz: must be above 0 Hz, got {rate}")));
+    }
+    let info = &shared.fleet.devices[device as usize];
+    for spec in &shared.fleet.scenario.sensors[info.sensors.clone()] {
+        if spec.rate_hz > 0.0 && rate > spec.rate_hz {
+            return Err((
+                400,
+                format!(
+                    "sampling.rate_hz: {rate} Hz is above sensor `{}`'s {} Hz, the scenario's rate (a simulated device can sample its stream more slowly, not faster)",
+                    spec.name, spec.rate_hz
+                ),
+            ));
+        }
+    }
+    let period = SimDuration::from_secs_f64(1.0 / rate).map_err(|e| (400, format!("sampling.rate_hz: {e}")))?;
+    if let Some(command) = command {
+        command.set_sampling(Some(period));
+    }
+    Ok(None)
+}
+
 fn apply_model(
     shared: &Shared,
     value: &Value,
@@ -253,6 +312,119 @@ pub struct Inference {
     pub features: Vec<f32>,
     /// The outputs for it, in output order.
     pub outputs: Vec<f32>,
+}
+
+/// A device's own inference: a window model on its bound sensor's windows, or an image model
+/// on every camera frame.
+#[derive(Clone, Debug)]
+pub enum DeviceInference {
+    /// Features of each closed window.
+    Windows(WindowInference),
+    /// Each frame's pixels.
+    Frames(FrameInference),
+}
+
+impl DeviceInference {
+    /// The inference a device of `group` runs on its bound sensor, if its group runs a model.
+    pub fn for_group(scenario: &twin_core::Scenario, group: usize, device_id: &str) -> Option<Self> {
+        let spec = &scenario.groups[group];
+        let binding = spec.model?;
+        let sensor = &scenario.sensors[spec.sensors.start + binding.slot];
+        Some(match sensor.camera() {
+            Some(images) => Self::Frames(FrameInference {
+                slot: binding.slot as u16,
+                rate_hz: sensor.rate_hz,
+                first_image: images.first_image(scenario.seed, device_id, &sensor.name),
+                images: images.clone(),
+            }),
+            None => Self::Windows(WindowInference::new(binding.slot as u16, spec.upload.window.0 as i64)),
+        })
+    }
+
+    /// The bound sensor's index among the device's sensors.
+    pub fn slot(&self) -> u16 {
+        match self {
+            Self::Windows(windows) => windows.slot,
+            Self::Frames(frames) => frames.slot,
+        }
+    }
+
+    /// Takes readings (in time order); returns the inferences they complete.
+    pub fn push(&mut self, readings: &[Reading], model: Option<&RunningModel>) -> Vec<Inference> {
+        match self {
+            Self::Windows(windows) => windows.push(readings, model),
+            Self::Frames(frames) => frames.push(readings, model),
+        }
+    }
+}
+
+/// Rows per tract call when a message carries many frames.
+const FRAME_BATCH: usize = 256;
+
+/// Runs an image model on every frame a camera takes, as the edge camera does: frame `k` of
+/// the camera (its reading at `k / rate_hz`) is image `first_image + k` of the scenario's image
+/// set, the same image the core's camera replays (`ImageSet::first_image`). Frames of one
+/// message run as one batched tract call (at most `FRAME_BATCH` rows).
+#[derive(Clone, Debug)]
+pub struct FrameInference {
+    /// Index of the camera among the device's sensors.
+    pub slot: u16,
+    /// The camera's frame rate.
+    pub rate_hz: f64,
+    /// The image of frame 0.
+    pub first_image: u64,
+    /// The images the camera replays.
+    pub images: Arc<twin_core::camera::ImageSet>,
+}
+
+impl FrameInference {
+    /// Takes readings; returns one inference per frame of the camera (none without a model).
+    pub fn push(&self, readings: &[Reading], model: Option<&RunningModel>) -> Vec<Inference> {
+        let Some(model) = model else {
+            return Vec::new();
+        };
+        if model.compiled.width() != self.images.width {
+            return Vec::new();
+        }
+        let frame_nanos = (1e9 / self.rate_hz).round() as i64;
+        let frames: Vec<i64> = readings
+            .iter()
+            .filter(|r| r.sensor == self.slot)
+            .map(|r| r.timestamp_nanos)
+            .collect();
+        let mut done = Vec::with_capacity(frames.len());
+        for chunk in frames.chunks(FRAME_BATCH) {
+            let mut rows = Vec::with_capacity(chunk.len() * self.images.width);
+            for &timestamp in chunk {
+                // The device's clock names the frame (under a clock skew, the skewed one).
+                let k = (timestamp.max(0) as f64 * self.rate_hz / 1e9).round() as u64;
+                rows.extend_from_slice(self.images.image(self.first_image + k).0);
+            }
+            let Ok(outputs) = model.compiled.run(&rows) else {
+                continue;
+            };
+            for (row, &timestamp) in chunk.iter().enumerate() {
+                let mut values = Vec::new();
+                for output in &outputs {
+                    let range = row * output.width..(row + 1) * output.width;
+                    match &output.values {
+                        OutputValues::F32(v) => values.extend_from_slice(v.get(range).unwrap_or_default()),
+                        OutputValues::I64(v) => {
+                            values.extend(v.get(range).unwrap_or_default().iter().map(|&x| x as f32));
+                        }
+                    }
+                }
+                let width = self.images.width;
+                done.push(Inference {
+                    window_start_nanos: timestamp,
+                    window_end_nanos: timestamp + frame_nanos,
+                    features: rows[row * width..(row + 1) * width].to_vec(),
+                    outputs: values,
+                });
+            }
+        }
+        done
+    }
 }
 
 /// Collects the bound sensor's readings window by window and runs the model on each closed
@@ -326,5 +498,47 @@ impl WindowInference {
             features,
             outputs: values,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use twin_core::{LoadOptions, RunOptions, Simulation};
+
+    use super::DeviceInference;
+
+    /// A camera's frame `k` in device-sim is the image the core's camera recorded at frame `k`
+    /// (the recorded reading is the image's mean pixel).
+    #[test]
+    fn camera_frames_are_the_cores_images() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/device-sim-camera.toml");
+        let scenario = std::sync::Arc::new(crate::fleet::load(&path, LoadOptions::default(), None).expect("valid"));
+        let mut simulation = Simulation::new(scenario.clone(), RunOptions { record: true });
+        let mut recorded: Vec<(String, f64, f64)> = Vec::new();
+        while simulation.step() {
+            simulation.drain_recording(&mut |sample| {
+                recorded.push((sample.device.to_owned(), sample.timestamp, sample.values[0]));
+            });
+        }
+        assert_eq!(recorded.len(), 16);
+        let mut firsts = std::collections::BTreeMap::new();
+        for (device, timestamp, mean) in recorded {
+            let Some(DeviceInference::Frames(frames)) = DeviceInference::for_group(&scenario, 0, &device) else {
+                panic!("{device} runs an image model");
+            };
+            let k = (timestamp * frames.rate_hz).round() as u64;
+            let (pixels, _) = frames.images.image(frames.first_image + k);
+            let expected = pixels.iter().map(|&p| f64::from(p)).sum::<f64>() / pixels.len() as f64;
+            assert!(
+                (expected - mean).abs() < 1e-9,
+                "{device} frame {k}: {expected} != {mean}"
+            );
+            firsts.insert(device, frames.first_image);
+        }
+        let firsts: Vec<u64> = firsts.into_values().collect();
+        assert_eq!(firsts.len(), 2);
+        assert_ne!(firsts[0], firsts[1], "each camera starts at its own image");
     }
 }

@@ -1,6 +1,7 @@
 //! gRPC target (twin-server): each device holds its own DeviceSync stream on its own
 //! connection. It says Hello with the last desired version it applied (and the model it runs),
-//! sends its readings as telemetry batches and its model's outputs as inference reports,
+//! sends its readings as telemetry batches and its model's outputs as inference reports (one
+//! per closed window of a window model, one per frame of a camera's image model),
 //! applies every desired delta (upload settings, sampling, model version: loaded and run with
 //! `twin_core::inference`), reports what it now runs, acknowledges each key, and reconnects
 //! with backoff after a disconnect. Convergence is measured from the delta's
@@ -28,7 +29,7 @@ use twin_proto::v1::twins_client::TwinsClient;
 use crate::RunError;
 use crate::checker::{CHECK_INTERVAL, Ledger};
 use crate::clock::system_unix_nanos;
-use crate::device::{ModelSource, RunningModel, WindowInference, apply_delta};
+use crate::device::{DeviceInference, ModelSource, RunningModel, apply_delta};
 use crate::measure::Counters;
 use crate::message::{Outgoing, Stamp, batch};
 use crate::shared::{Shared, TransportSettings};
@@ -183,7 +184,7 @@ async fn run_checker(shared: Arc<Shared>, mut watch: Streaming<pb::WatchResponse
 struct DeviceState {
     last_desired_version: u64,
     model: Option<RunningModel>,
-    inference: Option<WindowInference>,
+    inference: Option<DeviceInference>,
     connected_once: bool,
 }
 
@@ -219,13 +220,7 @@ async fn run_device(
             compiled: spec.compiled.clone(),
         }
     });
-    let inference = group.model.and_then(|binding| {
-        let spec = &shared.fleet.scenario.sensors[group.sensors.start + binding.slot];
-        // Cameras score every frame in the core; device-sim reports window models only.
-        spec.camera()
-            .is_none()
-            .then(|| WindowInference::new(binding.slot as u16, group.upload.window.0 as i64))
-    });
+    let inference = DeviceInference::for_group(&shared.fleet.scenario, info.group, &info.id);
     let mut state = DeviceState {
         last_desired_version: 0,
         model,
@@ -367,7 +362,7 @@ async fn connect_and_sync(
                 Counters::add(&shared.counters.published, 1);
                 for inference in inferences {
                     let Some(model) = state.model.as_ref() else { break };
-                    let sensor = state.inference.as_ref().map_or(0, |i| usize::from(i.slot));
+                    let sensor = state.inference.as_ref().map_or(0, |i| usize::from(i.slot()));
                     let report = pb::InferenceReport {
                         model: Some(pb::ModelRef {
                             name: model.name.clone(),

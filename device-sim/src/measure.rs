@@ -198,6 +198,14 @@ pub struct Counters {
     pub converged: AtomicU64,
     /// Messages the checker received (including duplicates).
     pub received: AtomicU64,
+    /// Messages held in a partitioned gateway's edge buffer.
+    pub partition_buffered: AtomicU64,
+    /// Messages lost at a partitioned gateway (its edge buffer was full).
+    pub partition_lost: AtomicU64,
+    /// Buffered messages sent after their gateway's partition healed.
+    pub partition_delivered: AtomicU64,
+    /// Messages still held by a gateway when the run ended.
+    pub partition_remaining: AtomicU64,
 }
 
 impl Counters {

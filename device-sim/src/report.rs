@@ -78,6 +78,14 @@ pub struct MessageCounts {
     pub inferences: u64,
     /// Desired changes applied and acknowledged.
     pub converged: u64,
+    /// Held in a partitioned gateway's edge buffer.
+    pub partition_buffered: u64,
+    /// Lost at a partitioned gateway whose buffer was full (part of `lost`).
+    pub partition_lost: u64,
+    /// Buffered, then sent when the partition healed.
+    pub partition_delivered: u64,
+    /// Still held by a gateway when the run ended (part of `lost`).
+    pub partition_remaining: u64,
 }
 
 /// Connection figures.
@@ -183,6 +191,10 @@ impl LoadReport {
         put(&mut metrics, "convergence_p99_ms", self.convergence.p99_ms);
         put(&mut metrics, "convergence_max_ms", self.convergence.max_ms);
         put(&mut metrics, "inferences", count(m.inferences));
+        put(&mut metrics, "partition_buffered", count(m.partition_buffered));
+        put(&mut metrics, "partition_lost", count(m.partition_lost));
+        put(&mut metrics, "partition_delivered", count(m.partition_delivered));
+        put(&mut metrics, "partition_remaining", count(m.partition_remaining));
         put(&mut metrics, "cpu_seconds", self.cost.cpu_seconds);
         put(&mut metrics, "msgs_per_core_s", self.cost.msgs_per_core_s);
         let numbers: BTreeMap<String, f64> = metrics.iter().filter_map(|(k, v)| v.map(|v| (k.clone(), v))).collect();
@@ -263,6 +275,13 @@ impl LoadReport {
                 "{} ({} acknowledged)",
                 line("convergence", &self.convergence),
                 m.converged
+            );
+        }
+        if m.partition_buffered + m.partition_lost > 0 {
+            let _ = writeln!(
+                out,
+                "  partition  {} buffered at gateways, {} lost (buffer full), {} delivered on heal, {} still held",
+                m.partition_buffered, m.partition_lost, m.partition_delivered, m.partition_remaining
             );
         }
         if m.inferences > 0 {

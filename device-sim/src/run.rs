@@ -21,7 +21,7 @@ use crate::fleet::Fleet;
 use crate::measure::{Counters, Latencies};
 use crate::message::{Outgoing, PayloadFormat};
 use crate::report::{Connections, Cost, LoadReport, MessageCounts, RunDescription};
-use crate::schedule::{ScheduleSettings, Scheduler, UploadCommand};
+use crate::schedule::{DeviceCommand, ScheduleSettings, Scheduler};
 use crate::shared::{Shared, TransportSettings};
 use crate::target::Target;
 use crate::{RunError, generator, grpc, mqtt, nats, progress};
@@ -106,7 +106,7 @@ pub async fn run(
         settings: transport.clone(),
         counters: Arc::new(Counters::default()),
         latencies: Latencies::default(),
-        commands: Arc::new((0..devices).map(|_| UploadCommand::default()).collect()),
+        commands: Arc::new((0..devices).map(|_| DeviceCommand::default()).collect()),
         flushed: CancellationToken::new(),
         hard_stop: CancellationToken::new(),
     });
@@ -245,6 +245,10 @@ pub async fn run(
             acks: Counters::get(&counters.acks),
             inferences: Counters::get(&counters.inferences),
             converged: Counters::get(&counters.converged),
+            partition_buffered: Counters::get(&counters.partition_buffered),
+            partition_lost: Counters::get(&counters.partition_lost),
+            partition_delivered: Counters::get(&counters.partition_delivered),
+            partition_remaining: Counters::get(&counters.partition_remaining),
         },
         e2e: shared.latencies.e2e.snapshot().summary(),
         ack: shared.latencies.ack.snapshot().summary(),

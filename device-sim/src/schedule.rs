@@ -7,10 +7,14 @@
 //!   reading, due at the reading's time; in `summary` upload one message per window, due at the
 //!   window's end, carrying the window's readings. Upload settings follow the group, the
 //!   storyboard's `upload` events and `upload` commands received from the backend; a crashed
-//!   device sends nothing.
+//!   device sends nothing. A `sampling` command thins each sensor's scenario-rate readings
+//!   to the commanded rate ([`DeviceCommand`]).
 //! - **Rate** (`--rate R`): arrivals of a constant or Poisson process at `R` messages per second
 //!   over the fleet; each arrival goes to the next device in turn (crashed devices skipped) and
 //!   carries the readings it took since its previous message.
+//!
+//! **Partitions**: while the scenario partitions a gateway, its devices' messages wait in its
+//! edge buffer and go out when it heals (`GatewayUplink`).
 //!
 //! `--max-rate` caps either: a message due before the cap allows is moved to the cap's next
 //! slot, which becomes its intended send time (counted as `capped`). Every message takes its
@@ -27,7 +31,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio_util::sync::CancellationToken;
 use twin_core::load::Arrivals;
 use twin_core::rng::Stream;
-use twin_core::scenario::{UploadMode, UploadSpec};
+use twin_core::scenario::{Action, Target, UploadMode, UploadSpec};
 use twin_core::time::SimDuration;
 
 use crate::clock::Pace;
@@ -36,17 +40,31 @@ use crate::generator::StepReadings;
 use crate::measure::Counters;
 use crate::message::{Outgoing, Reading};
 
-/// Upload settings a device received as a command from the backend (a desired `upload`),
-/// which win over the scenario's.
+/// Settings a device received as commands from the backend (a desired `upload` or
+/// `sampling`), which win over the scenario's. The device's connection task sets them; the
+/// scheduler reads them when it takes the next step's readings.
 #[derive(Debug, Default)]
-pub struct UploadCommand {
+pub struct DeviceCommand {
     /// 0: none, 1: raw, 2: summary.
     mode: AtomicU8,
     /// Summary window, nanoseconds.
     window_nanos: AtomicU64,
+    /// Sampling period, nanoseconds (0: the scenario's rate).
+    sampling_period_nanos: AtomicU64,
 }
 
-impl UploadCommand {
+impl DeviceCommand {
+    /// Sets the device's sampling period (`None`: back to the scenario's rate).
+    pub fn set_sampling(&self, period: Option<SimDuration>) {
+        self.sampling_period_nanos
+            .store(period.map_or(0, |p| p.0), Ordering::Relaxed);
+    }
+
+    /// The commanded sampling period, nanoseconds (0: the scenario's rate).
+    pub fn sampling_period_nanos(&self) -> u64 {
+        self.sampling_period_nanos.load(Ordering::Relaxed)
+    }
+
     /// Sets the device's upload mode (and summary window).
     pub fn set(&self, mode: UploadMode, window: Option<SimDuration>) {
         if let Some(window) = window {
@@ -102,9 +120,55 @@ struct DeviceSchedule {
     group_upload: UploadSpec,
     storyboard_upload: Option<UploadSpec>,
     crashed: bool,
+    /// The summary window `window_end` follows, nanoseconds.
+    window: u64,
     window_end: u64,
     pending: Vec<Reading>,
     sequence: u64,
+    sampling: Sampling,
+}
+
+/// A commanded sampling rate, applied to the scenario-rate stream: per sensor, a reading is
+/// kept when it is at or after the sensor's next sampling instant, which then advances by one
+/// period (from the reading's time when the stream fell more than a period behind, as after a
+/// crash). A sensor thus keeps one reading per period, `rate_hz` on average, each the first
+/// of the scenario's readings at or after its instant.
+#[derive(Debug, Default)]
+struct Sampling {
+    /// The period the instants below follow, nanoseconds (0: none commanded).
+    period: u64,
+    /// Next sampling instant per sensor slot, device nanoseconds.
+    next: Vec<i64>,
+}
+
+impl Sampling {
+    fn apply(&mut self, period: u64, readings: &mut Vec<Reading>) {
+        if period != self.period {
+            self.period = period;
+            self.next.clear();
+        }
+        if period == 0 {
+            return;
+        }
+        let period = period as i64;
+        let next = &mut self.next;
+        readings.retain(|reading| {
+            let slot = usize::from(reading.sensor);
+            if next.len() <= slot {
+                next.resize(slot + 1, i64::MIN);
+            }
+            let due = next[slot];
+            if reading.timestamp_nanos < due {
+                return false;
+            }
+            next[slot] = if due == i64::MIN || reading.timestamp_nanos >= due + period {
+                reading.timestamp_nanos + period
+            } else {
+                due + period
+            };
+            true
+        });
+    }
 }
 
 struct Due {
@@ -112,6 +176,31 @@ struct Due {
     sim: u64,
     device: u32,
     readings: Vec<Reading>,
+    /// A summary window's message (its size at the edge is the summary's).
+    summary: bool,
+}
+
+/// A gateway's uplink on the wire: while the scenario partitions it, the messages of the
+/// devices behind it go into its edge buffer (`buffer_bytes`, each message at its edge size:
+/// twin-core's raw or summary message bytes); a message that does not fit is lost. When the
+/// partition heals, the backlog is handed to the devices' connections at once, oldest first,
+/// with the intended send times the messages had, so their end-to-end latency includes the
+/// wait; messages of those devices due meanwhile queue behind it.
+#[derive(Debug, Default)]
+struct GatewayUplink {
+    /// Partitions, `[start, end)` in simulated nanoseconds (`u64::MAX`: never heals).
+    partitions: Vec<(u64, u64)>,
+    capacity: u64,
+    held_bytes: u64,
+    /// Messages waiting for the uplink, with whether each was buffered during a partition
+    /// (rather than queued behind the backlog after the heal).
+    backlog: VecDeque<(Outgoing, bool)>,
+}
+
+impl GatewayUplink {
+    fn partitioned_at(&self, sim: u64) -> bool {
+        self.partitions.iter().any(|&(start, end)| start <= sim && sim < end)
+    }
 }
 
 /// The scheduler: owns each device's sequence numbers and pending readings.
@@ -120,9 +209,12 @@ pub struct Scheduler {
     pace: Pace,
     settings: ScheduleSettings,
     outboxes: Vec<mpsc::Sender<Outgoing>>,
-    commands: Arc<Vec<UploadCommand>>,
+    commands: Arc<Vec<DeviceCommand>>,
     counters: Arc<Counters>,
     devices: Vec<DeviceSchedule>,
+    /// Each device's gateway (index into `uplinks`).
+    gateway_of: Vec<Option<u16>>,
+    uplinks: Vec<GatewayUplink>,
     transitions: Vec<Transition>,
     next_transition: usize,
     queue: VecDeque<Due>,
@@ -145,7 +237,7 @@ impl Scheduler {
         pace: Pace,
         settings: ScheduleSettings,
         outboxes: Vec<mpsc::Sender<Outgoing>>,
-        commands: Arc<Vec<UploadCommand>>,
+        commands: Arc<Vec<DeviceCommand>>,
         counters: Arc<Counters>,
     ) -> Self {
         let devices = (0..fleet.devices.len() as u32)
@@ -155,14 +247,39 @@ impl Scheduler {
                     group_upload: upload,
                     storyboard_upload: None,
                     crashed: false,
+                    window: upload.window.0,
                     window_end: upload.window.0,
                     pending: Vec::new(),
                     sequence: 0,
+                    sampling: Sampling::default(),
                 }
             })
             .collect();
         let transitions = fleet.transitions();
         let seed = fleet.scenario.seed;
+        let gateway_of = fleet
+            .devices
+            .iter()
+            .map(|d| fleet.scenario.groups[d.group].gateway)
+            .collect();
+        let mut uplinks: Vec<GatewayUplink> = fleet
+            .scenario
+            .gateways
+            .iter()
+            .map(|g| GatewayUplink {
+                capacity: g.buffer_bytes,
+                ..GatewayUplink::default()
+            })
+            .collect();
+        for event in &fleet.scenario.events {
+            if let (Action::Partition, Target::Gateway(gateway)) = (&event.action, &event.target)
+                && let Some(uplink) = uplinks.get_mut(usize::from(*gateway))
+            {
+                uplink
+                    .partitions
+                    .push((event.at.0, event.until.map_or(u64::MAX, |u| u.0)));
+            }
+        }
         Self {
             fleet,
             pace,
@@ -171,6 +288,8 @@ impl Scheduler {
             commands,
             counters,
             devices,
+            gateway_of,
+            uplinks,
             transitions,
             next_transition: 0,
             queue: VecDeque::new(),
@@ -191,7 +310,10 @@ impl Scheduler {
         loop {
             let now = Instant::now();
             self.dispatch_due(now);
-            if now >= self.settings.end || (readings_done && self.settings.rate.is_none() && self.queue.is_empty()) {
+            let backlog_waits = self.next_backlog_release(now).is_some_and(|at| at < self.settings.end);
+            if now >= self.settings.end
+                || (readings_done && self.settings.rate.is_none() && self.queue.is_empty() && !backlog_waits)
+            {
                 break;
             }
             let mut wake = self.settings.end;
@@ -200,6 +322,9 @@ impl Scheduler {
             }
             if self.settings.rate.is_some() {
                 wake = wake.min(self.next_arrival.max(self.next_cap_slot));
+            }
+            if let Some(heal) = self.next_backlog_release(now) {
+                wake = wake.min(heal);
             }
             tokio::select! {
                 biased;
@@ -222,6 +347,77 @@ impl Scheduler {
         let stopped = Instant::now();
         let unsent = self.queue.iter().filter(|d| d.due <= stopped).count() as u64;
         Counters::add(&self.counters.unsent, unsent);
+        let remaining = self.uplinks.iter().map(|u| u.backlog.len() as u64).sum();
+        Counters::add(&self.counters.partition_remaining, remaining);
+    }
+
+    /// When a held backlog can next go: at once when its partition has healed (a full
+    /// connection queue is retried a millisecond later), else when it heals.
+    fn next_backlog_release(&self, now: Instant) -> Option<Instant> {
+        let sim_now = self.pace.sim_at(now);
+        self.uplinks
+            .iter()
+            .filter(|u| !u.backlog.is_empty())
+            .map(|u| {
+                if u.partitioned_at(sim_now) {
+                    let heal = u
+                        .partitions
+                        .iter()
+                        .filter(|&&(start, end)| start <= sim_now && sim_now < end)
+                        .map(|&(_, end)| end)
+                        .max()
+                        .unwrap_or(u64::MAX);
+                    if heal == u64::MAX {
+                        self.settings.end
+                    } else {
+                        self.pace.instant_of(heal)
+                    }
+                } else {
+                    now + Duration::from_millis(1)
+                }
+            })
+            .min()
+    }
+
+    /// Hands each healed gateway's backlog to the connections, oldest first, until a
+    /// connection's queue is full (the rest waits for the next pass).
+    fn release_backlogs(&mut self, now: Instant) {
+        let sim_now = self.pace.sim_at(now);
+        for uplink in &mut self.uplinks {
+            if uplink.backlog.is_empty() || uplink.partitioned_at(sim_now) {
+                continue;
+            }
+            while let Some((message, buffered)) = uplink.backlog.pop_front() {
+                match self.outboxes[message.device as usize].try_send(message) {
+                    Ok(()) => Counters::add(&self.counters.partition_delivered, u64::from(buffered)),
+                    Err(TrySendError::Full(message)) => {
+                        uplink.backlog.push_front((message, buffered));
+                        break;
+                    }
+                    Err(TrySendError::Closed(_)) => Counters::add(&self.counters.errors, 1),
+                }
+            }
+            if uplink.backlog.is_empty() {
+                uplink.held_bytes = 0;
+            }
+        }
+    }
+
+    /// A message's size at the edge, as twin-core counts it: a summary's, or one raw message
+    /// per reading.
+    fn edge_bytes(&self, device: u32, summary: bool, readings: &[Reading]) -> u64 {
+        let info = &self.fleet.devices[device as usize];
+        let sensors = &self.fleet.scenario.sensors[info.sensors.clone()];
+        let overhead = self.effective_upload(device as usize).overhead_bytes;
+        if summary {
+            u64::from(overhead) + sensors.iter().map(|s| u64::from(s.summary_entry_bytes())).sum::<u64>()
+        } else {
+            readings
+                .iter()
+                .map(|r| u64::from(sensors[usize::from(r.sensor)].raw_message_bytes(overhead)))
+                .sum::<u64>()
+                .max(u64::from(overhead))
+        }
     }
 
     fn effective_upload(&self, device: usize) -> UploadSpec {
@@ -247,6 +443,8 @@ impl Scheduler {
         let mut due: Vec<Due> = Vec::new();
         for (device, mut readings) in step.by_device {
             let index = device as usize;
+            let period = self.commands.get(index).map_or(0, DeviceCommand::sampling_period_nanos);
+            self.devices[index].sampling.apply(period, &mut readings);
             if rate_mode {
                 readings.sort_by_key(|r| r.timestamp_nanos);
                 self.devices[index].pending.extend(readings);
@@ -261,6 +459,7 @@ impl Scheduler {
                         sim,
                         device,
                         readings: vec![reading],
+                        summary: false,
                     });
                 }
             } else {
@@ -280,12 +479,16 @@ impl Scheduler {
                             sim: step.start,
                             device: index as u32,
                             readings: std::mem::take(&mut schedule.pending),
+                            summary: false,
                         });
                     }
                     continue;
                 }
                 let window = upload.window.0.max(1);
-                if schedule.window_end <= step.start {
+                // A new window (a command or the storyboard changed it) starts its boundaries
+                // afresh, on multiples of itself.
+                if schedule.window != window || schedule.window_end <= step.start {
+                    schedule.window = window;
                     schedule.window_end = (step.start / window + 1) * window;
                 }
                 while schedule.window_end <= step.end {
@@ -304,6 +507,7 @@ impl Scheduler {
                         sim: boundary,
                         device: index as u32,
                         readings,
+                        summary: true,
                     });
                 }
             }
@@ -314,6 +518,7 @@ impl Scheduler {
     }
 
     fn dispatch_due(&mut self, now: Instant) {
+        self.release_backlogs(now);
         self.hand_over_due(now);
         if self.handed_messages > 0 {
             Counters::add(&self.counters.sent, std::mem::take(&mut self.handed_messages));
@@ -333,7 +538,7 @@ impl Scheduler {
                 Counters::add(&self.counters.capped, 1);
             }
             self.take_cap_slot(slot);
-            self.hand_over(due.device, due.sim, slot, due.readings);
+            self.hand_over(due.device, due.sim, slot, due.readings, due.summary);
         }
         let Some(rate) = self.settings.rate else { return };
         let devices = self.devices.len();
@@ -361,7 +566,7 @@ impl Scheduler {
             let pending = &mut self.devices[device].pending;
             let split = pending.partition_point(|r| r.timestamp_nanos <= sim as i64);
             let readings: Vec<Reading> = pending.drain(..split).collect();
-            self.hand_over(device as u32, sim, slot, readings);
+            self.hand_over(device as u32, sim, slot, readings, false);
         }
     }
 
@@ -371,7 +576,13 @@ impl Scheduler {
         }
     }
 
-    fn hand_over(&mut self, device: u32, sim: u64, intended: Instant, readings: Vec<Reading>) {
+    fn hand_over(&mut self, device: u32, sim: u64, intended: Instant, readings: Vec<Reading>, summary: bool) {
+        let bytes = match self.gateway_of[device as usize] {
+            Some(gateway) if !self.uplinks[usize::from(gateway)].partitions.is_empty() => {
+                Some((gateway, self.edge_bytes(device, summary, &readings)))
+            }
+            _ => None,
+        };
         let schedule = &mut self.devices[device as usize];
         schedule.sequence += 1;
         self.handed_messages += 1;
@@ -383,6 +594,25 @@ impl Scheduler {
             intended_unix_nanos: self.pace.unix_of(intended),
             readings,
         };
+        if let Some((gateway, bytes)) = bytes {
+            let uplink = &mut self.uplinks[usize::from(gateway)];
+            if uplink.partitioned_at(sim) {
+                if uplink.held_bytes + bytes > uplink.capacity {
+                    // The edge buffer is full: the message is lost at the gateway.
+                    Counters::add(&self.counters.partition_lost, 1);
+                    return;
+                }
+                uplink.held_bytes += bytes;
+                uplink.backlog.push_back((message, true));
+                Counters::add(&self.counters.partition_buffered, 1);
+                return;
+            }
+            if !uplink.backlog.is_empty() {
+                // Healed, but the backlog is still going out: behind it.
+                uplink.backlog.push_back((message, false));
+                return;
+            }
+        }
         match self.outboxes[device as usize].try_send(message) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
@@ -396,5 +626,50 @@ impl Scheduler {
     /// The fleet scheduled.
     pub fn fleet(&self) -> &Fleet {
         &self.fleet
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Sampling;
+    use crate::message::Reading;
+
+    fn readings(sensor: u16, rate_hz: u64, seconds: u64) -> Vec<Reading> {
+        (0..rate_hz * seconds)
+            .map(|k| Reading {
+                sensor,
+                dims: 1,
+                timestamp_nanos: (k * 1_000_000_000 / rate_hz) as i64,
+                values: [k as f64, 0.0, 0.0],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn sampling_thins_each_sensor_to_the_commanded_rate() {
+        let mut sampling = Sampling::default();
+        // 1 kHz and 10 Hz sensors, sampled at 300 Hz (the 10 Hz one is below it: untouched).
+        let mut step = readings(0, 1000, 2);
+        step.extend(readings(1, 10, 2));
+        sampling.apply(1_000_000_000 / 300, &mut step);
+        let fast: Vec<i64> = step
+            .iter()
+            .filter(|r| r.sensor == 0)
+            .map(|r| r.timestamp_nanos)
+            .collect();
+        assert_eq!(fast.len(), 600, "300 Hz for 2 s");
+        // The first reading at or after each 3.33 ms instant: 3 or 4 ms apart.
+        assert!(
+            fast.windows(2)
+                .all(|w| (3_000_000..=4_000_000).contains(&(w[1] - w[0])))
+        );
+        assert_eq!(step.iter().filter(|r| r.sensor == 1).count(), 20);
+        // The next step continues the same instants; no command keeps everything again.
+        let mut next: Vec<Reading> = readings(0, 1000, 3).split_off(2000);
+        sampling.apply(1_000_000_000 / 300, &mut next);
+        assert_eq!(next.len(), 300);
+        let mut all = readings(0, 1000, 1);
+        sampling.apply(0, &mut all);
+        assert_eq!(all.len(), 1000);
     }
 }

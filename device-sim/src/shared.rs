@@ -10,7 +10,7 @@ use crate::clock::Pace;
 use crate::fleet::Fleet;
 use crate::measure::{Counters, Latencies};
 use crate::message::PayloadFormat;
-use crate::schedule::UploadCommand;
+use crate::schedule::DeviceCommand;
 use crate::target::Target;
 
 /// Settings of the transports.
@@ -61,8 +61,8 @@ pub struct Shared {
     pub counters: Arc<Counters>,
     /// Latency histograms.
     pub latencies: Latencies,
-    /// Upload commands received per device.
-    pub commands: Arc<Vec<UploadCommand>>,
+    /// Commands (upload, sampling) received per device.
+    pub commands: Arc<Vec<DeviceCommand>>,
     /// Cancelled once every device has handed its last message to the network: the checker
     /// then waits only for what is still on its way.
     pub flushed: CancellationToken,

@@ -81,6 +81,13 @@ impl ImageSet {
         self.labels.is_empty()
     }
 
+    /// The image a camera of device `device_id` starts its replay with: seeded by the
+    /// scenario's seed, the device and the sensor, so every camera starts somewhere else and a
+    /// camera's frame `k` is image `first + k` (wrapping around).
+    pub fn first_image(&self, seed: u64, device_id: &str, sensor: &str) -> u64 {
+        crate::rng::Stream::derive(seed, &[device_id, sensor, "camera"]).next_u64() % self.len() as u64
+    }
+
     /// The pixels of image `index` (wrapping around).
     pub fn image(&self, index: u64) -> (&[f32], i64) {
         let i = (index % self.len() as u64) as usize;

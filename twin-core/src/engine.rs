@@ -121,8 +121,7 @@ impl Simulation {
                             level: match &spec.signal {
                                 // Each camera starts at its own seeded image.
                                 Signal::Camera(images) => {
-                                    (Stream::derive(scenario.seed, &[&device_id, &spec.name, "camera"]).next_u64()
-                                        % images.len() as u64) as f64
+                                    images.first_image(scenario.seed, &device_id, &spec.name) as f64
                                 }
                                 _ => spec.signal.initial_level(),
                             },

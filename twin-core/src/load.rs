@@ -95,6 +95,22 @@ pub const LOAD_METRICS: &[(&str, &str)] = &[
     ),
     ("convergence_max_ms", "desired change to acknowledgement, maximum"),
     ("inferences", "model outputs the devices computed and sent"),
+    (
+        "partition_buffered",
+        "messages held in a partitioned gateway's edge buffer",
+    ),
+    (
+        "partition_lost",
+        "messages lost at a partitioned gateway whose edge buffer was full",
+    ),
+    (
+        "partition_delivered",
+        "buffered messages sent when their gateway's partition healed",
+    ),
+    (
+        "partition_remaining",
+        "messages still held by a gateway when the run ended",
+    ),
     ("cpu_seconds", "the generator's own CPU time (user + system)"),
     ("msgs_per_core_s", "messages sent per CPU second of the generator"),
 ];

@@ -460,7 +460,7 @@ impl SensorSpec {
     }
 
     /// The images of a camera sensor.
-    pub fn camera(&self) -> Option<&crate::camera::ImageSet> {
+    pub fn camera(&self) -> Option<&Arc<crate::camera::ImageSet>> {
         match &self.signal {
             Signal::Camera(images) => Some(images),
             _ => None,
