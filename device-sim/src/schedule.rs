@@ -192,9 +192,9 @@ struct GatewayUplink {
     partitions: Vec<(u64, u64)>,
     capacity: u64,
     held_bytes: u64,
-    /// Messages waiting for the uplink, with whether each was buffered during a partition
-    /// (rather than queued behind the backlog after the heal).
-    backlog: VecDeque<(Outgoing, bool)>,
+    /// Messages waiting for the uplink, each with the bytes it holds in the buffer (0 for a
+    /// message queued behind the backlog after the heal, which was never buffered).
+    backlog: VecDeque<(Outgoing, u64)>,
 }
 
 impl GatewayUplink {
@@ -387,18 +387,21 @@ impl Scheduler {
             if uplink.backlog.is_empty() || uplink.partitioned_at(sim_now) {
                 continue;
             }
-            while let Some((message, buffered)) = uplink.backlog.pop_front() {
+            while let Some((message, bytes)) = uplink.backlog.pop_front() {
                 match self.outboxes[message.device as usize].try_send(message) {
-                    Ok(()) => Counters::add(&self.counters.partition_delivered, u64::from(buffered)),
+                    Ok(()) => {
+                        uplink.held_bytes -= bytes;
+                        Counters::add(&self.counters.partition_delivered, u64::from(bytes > 0));
+                    }
                     Err(TrySendError::Full(message)) => {
-                        uplink.backlog.push_front((message, buffered));
+                        uplink.backlog.push_front((message, bytes));
                         break;
                     }
-                    Err(TrySendError::Closed(_)) => Counters::add(&self.counters.errors, 1),
+                    Err(TrySendError::Closed(_)) => {
+                        uplink.held_bytes -= bytes;
+                        Counters::add(&self.counters.errors, 1);
+                    }
                 }
-            }
-            if uplink.backlog.is_empty() {
-                uplink.held_bytes = 0;
             }
         }
     }
@@ -597,19 +600,21 @@ impl Scheduler {
         if let Some((gateway, bytes)) = bytes {
             let uplink = &mut self.uplinks[usize::from(gateway)];
             if uplink.partitioned_at(sim) {
+                // At least one byte, so a buffered message is told from one queued behind.
+                let bytes = bytes.max(1);
                 if uplink.held_bytes + bytes > uplink.capacity {
                     // The edge buffer is full: the message is lost at the gateway.
                     Counters::add(&self.counters.partition_lost, 1);
                     return;
                 }
                 uplink.held_bytes += bytes;
-                uplink.backlog.push_back((message, true));
+                uplink.backlog.push_back((message, bytes));
                 Counters::add(&self.counters.partition_buffered, 1);
                 return;
             }
             if !uplink.backlog.is_empty() {
                 // Healed, but the backlog is still going out: behind it.
-                uplink.backlog.push_back((message, false));
+                uplink.backlog.push_back((message, 0));
                 return;
             }
         }
