@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value};
 use twin_core::features::push_window_features;
-use twin_core::inference::{CompiledModel, OutputValues};
+use twin_core::inference::{CompiledModel, extend_row_f32};
 use twin_core::models::Registry;
 use twin_core::scenario::UploadMode;
 use twin_core::stats::WindowAcc;
@@ -405,15 +405,7 @@ impl FrameInference {
             };
             for (row, &timestamp) in chunk.iter().enumerate() {
                 let mut values = Vec::new();
-                for output in &outputs {
-                    let range = row * output.width..(row + 1) * output.width;
-                    match &output.values {
-                        OutputValues::F32(v) => values.extend_from_slice(v.get(range).unwrap_or_default()),
-                        OutputValues::I64(v) => {
-                            values.extend(v.get(range).unwrap_or_default().iter().map(|&x| x as f32));
-                        }
-                    }
-                }
+                extend_row_f32(&outputs, row, &mut values);
                 let width = self.images.width;
                 done.push(Inference {
                     window_start_nanos: timestamp,
@@ -485,13 +477,8 @@ impl WindowInference {
             return None;
         }
         let outputs = model.compiled.run(&features).ok()?;
-        let values = outputs
-            .iter()
-            .flat_map(|o| match &o.values {
-                OutputValues::F32(v) => v.clone(),
-                OutputValues::I64(v) => v.iter().map(|&x| x as f32).collect(),
-            })
-            .collect();
+        let mut values = Vec::new();
+        extend_row_f32(&outputs, 0, &mut values);
         Some(Inference {
             window_start_nanos: self.window_end - self.window_nanos,
             window_end_nanos: self.window_end,

@@ -177,6 +177,19 @@ pub enum OutputValues {
     I64(Vec<i64>),
 }
 
+/// Appends row `row` of every output to `into`, in output order, as float32 (classes
+/// converted): the flat row of outputs a device reports and a checker compares. Rows past the
+/// end of an output add nothing.
+pub fn extend_row_f32(outputs: &[Output], row: usize, into: &mut Vec<f32>) {
+    for output in outputs {
+        let range = row * output.width..(row + 1) * output.width;
+        match &output.values {
+            OutputValues::F32(values) => into.extend_from_slice(values.get(range).unwrap_or_default()),
+            OutputValues::I64(values) => into.extend(values.get(range).unwrap_or_default().iter().map(|&v| v as f32)),
+        }
+    }
+}
+
 type Plan = TypedSimplePlan;
 
 /// A model optimized into a runnable plan for batches of float32 rows.

@@ -11,7 +11,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 use tonic_types::StatusExt;
 use twin_core::LoadOptions;
-use twin_core::inference::{CompiledModel, OutputValues};
+use twin_core::inference::CompiledModel;
 use twin_proto::v1 as pb;
 use twin_proto::v1::device_sync_client::DeviceSyncClient;
 use twin_proto::v1::simulation_client::SimulationClient;
@@ -847,13 +847,7 @@ fn reference_rows(file: &str) -> Vec<(Vec<f32>, Vec<f32>)> {
         .enumerate()
         .map(|(row, features)| {
             let mut values = Vec::new();
-            for output in &outputs {
-                let range = row * output.width..(row + 1) * output.width;
-                match &output.values {
-                    OutputValues::F32(all) => values.extend_from_slice(&all[range]),
-                    OutputValues::I64(all) => values.extend(all[range].iter().map(|value| *value as f32)),
-                }
-            }
+            twin_core::inference::extend_row_f32(&outputs, row, &mut values);
             (features, values)
         })
         .collect()

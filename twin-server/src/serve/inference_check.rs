@@ -13,7 +13,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use twin_core::inference::{CompiledModel, OutputValues};
+use twin_core::inference::{CompiledModel, extend_row_f32};
 use twin_core::models::{ModelVersion, sha256_hex};
 
 use super::config::InferenceConfig;
@@ -248,15 +248,7 @@ impl Worker {
         };
         for (row, job) in jobs.into_iter().enumerate() {
             let mut expected = Vec::with_capacity(job.outputs.len());
-            for output in &outputs {
-                let range = row * output.width..(row + 1) * output.width;
-                match &output.values {
-                    OutputValues::F32(values) => expected.extend(values.get(range).unwrap_or_default()),
-                    OutputValues::I64(values) => {
-                        expected.extend(values.get(range).unwrap_or_default().iter().map(|value| *value as f32));
-                    }
-                }
-            }
+            extend_row_f32(&outputs, row, &mut expected);
             let answer = match max_abs_difference(&job.outputs, &expected) {
                 Some(difference) => Ok(CheckOutcome {
                     agreed: difference <= self.tolerance,
