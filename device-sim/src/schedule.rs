@@ -198,8 +198,14 @@ struct GatewayUplink {
 }
 
 impl GatewayUplink {
-    fn partitioned_at(&self, sim: u64) -> bool {
-        self.partitions.iter().any(|&(start, end)| start <= sim && sim < end)
+    /// When the partition holding the uplink down at `sim` ends (`u64::MAX`: never), or `None`
+    /// when the uplink is up then.
+    fn heals_at(&self, sim: u64) -> Option<u64> {
+        self.partitions
+            .iter()
+            .filter(|&&(start, end)| start <= sim && sim < end)
+            .map(|&(_, end)| end)
+            .max()
     }
 }
 
@@ -212,8 +218,7 @@ pub struct Scheduler {
     commands: Arc<Vec<DeviceCommand>>,
     counters: Arc<Counters>,
     devices: Vec<DeviceSchedule>,
-    /// Each device's gateway (index into `uplinks`).
-    gateway_of: Vec<Option<u16>>,
+    /// Per gateway, by the scenario's gateway index.
     uplinks: Vec<GatewayUplink>,
     transitions: Vec<Transition>,
     next_transition: usize,
@@ -257,11 +262,6 @@ impl Scheduler {
             .collect();
         let transitions = fleet.transitions();
         let seed = fleet.scenario.seed;
-        let gateway_of = fleet
-            .devices
-            .iter()
-            .map(|d| fleet.scenario.groups[d.group].gateway)
-            .collect();
         let mut uplinks: Vec<GatewayUplink> = fleet
             .scenario
             .gateways
@@ -288,7 +288,6 @@ impl Scheduler {
             commands,
             counters,
             devices,
-            gateway_of,
             uplinks,
             transitions,
             next_transition: 0,
@@ -310,7 +309,8 @@ impl Scheduler {
         loop {
             let now = Instant::now();
             self.dispatch_due(now);
-            let backlog_waits = self.next_backlog_release(now).is_some_and(|at| at < self.settings.end);
+            let release = self.next_backlog_release(now);
+            let backlog_waits = release.is_some_and(|at| at < self.settings.end);
             if now >= self.settings.end
                 || (readings_done && self.settings.rate.is_none() && self.queue.is_empty() && !backlog_waits)
             {
@@ -323,8 +323,8 @@ impl Scheduler {
             if self.settings.rate.is_some() {
                 wake = wake.min(self.next_arrival.max(self.next_cap_slot));
             }
-            if let Some(heal) = self.next_backlog_release(now) {
-                wake = wake.min(heal);
+            if let Some(release) = release {
+                wake = wake.min(release);
             }
             tokio::select! {
                 biased;
@@ -358,23 +358,10 @@ impl Scheduler {
         self.uplinks
             .iter()
             .filter(|u| !u.backlog.is_empty())
-            .map(|u| {
-                if u.partitioned_at(sim_now) {
-                    let heal = u
-                        .partitions
-                        .iter()
-                        .filter(|&&(start, end)| start <= sim_now && sim_now < end)
-                        .map(|&(_, end)| end)
-                        .max()
-                        .unwrap_or(u64::MAX);
-                    if heal == u64::MAX {
-                        self.settings.end
-                    } else {
-                        self.pace.instant_of(heal)
-                    }
-                } else {
-                    now + Duration::from_millis(1)
-                }
+            .map(|u| match u.heals_at(sim_now) {
+                None => now + Duration::from_millis(1),
+                Some(u64::MAX) => self.settings.end,
+                Some(heal) => self.pace.instant_of(heal),
             })
             .min()
     }
@@ -384,7 +371,7 @@ impl Scheduler {
     fn release_backlogs(&mut self, now: Instant) {
         let sim_now = self.pace.sim_at(now);
         for uplink in &mut self.uplinks {
-            if uplink.backlog.is_empty() || uplink.partitioned_at(sim_now) {
+            if uplink.backlog.is_empty() || uplink.heals_at(sim_now).is_some() {
                 continue;
             }
             while let Some((message, bytes)) = uplink.backlog.pop_front() {
@@ -580,12 +567,18 @@ impl Scheduler {
     }
 
     fn hand_over(&mut self, device: u32, sim: u64, intended: Instant, readings: Vec<Reading>, summary: bool) {
-        let bytes = match self.gateway_of[device as usize] {
-            Some(gateway) if !self.uplinks[usize::from(gateway)].partitions.is_empty() => {
-                Some((gateway, self.edge_bytes(device, summary, &readings)))
+        // Where the message goes if the device's gateway holds it: its buffer (with the
+        // message's edge size) while partitioned, behind the backlog while that drains.
+        let gateway = self.fleet.scenario.groups[self.fleet.devices[device as usize].group].gateway;
+        let held = gateway.map(usize::from).and_then(|gateway| {
+            let uplink = &self.uplinks[gateway];
+            if uplink.heals_at(sim).is_some() {
+                // At least one byte, so a buffered message is told from one queued behind.
+                Some((gateway, self.edge_bytes(device, summary, &readings).max(1)))
+            } else {
+                (!uplink.backlog.is_empty()).then_some((gateway, 0))
             }
-            _ => None,
-        };
+        });
         let schedule = &mut self.devices[device as usize];
         schedule.sequence += 1;
         self.handed_messages += 1;
@@ -597,26 +590,19 @@ impl Scheduler {
             intended_unix_nanos: self.pace.unix_of(intended),
             readings,
         };
-        if let Some((gateway, bytes)) = bytes {
-            let uplink = &mut self.uplinks[usize::from(gateway)];
-            if uplink.partitioned_at(sim) {
-                // At least one byte, so a buffered message is told from one queued behind.
-                let bytes = bytes.max(1);
+        if let Some((gateway, bytes)) = held {
+            let uplink = &mut self.uplinks[gateway];
+            if bytes > 0 {
                 if uplink.held_bytes + bytes > uplink.capacity {
                     // The edge buffer is full: the message is lost at the gateway.
                     Counters::add(&self.counters.partition_lost, 1);
                     return;
                 }
                 uplink.held_bytes += bytes;
-                uplink.backlog.push_back((message, bytes));
                 Counters::add(&self.counters.partition_buffered, 1);
-                return;
             }
-            if !uplink.backlog.is_empty() {
-                // Healed, but the backlog is still going out: behind it.
-                uplink.backlog.push_back((message, 0));
-                return;
-            }
+            uplink.backlog.push_back((message, bytes));
+            return;
         }
         match self.outboxes[device as usize].try_send(message) {
             Ok(()) => {}
