@@ -2,6 +2,7 @@
 //! pieces of IO around the pure core (files, recordings, timing), and `serve`, the live twin gRPC
 //! server over the twin domain (`twins`) and its durable store (`store`).
 
+pub mod clock;
 pub mod files;
 pub mod models;
 pub mod recording;

@@ -691,6 +691,21 @@ fn commit_and_reply(database: &Database, writes: &mut Vec<(WriteBatch, Reply)>, 
 
 /// Applies every batch in one write transaction with immediate durability. Returns the number
 /// of operations.
+/// The telemetry table of a commit's transaction.
+type TelemetryTable<'t> = redb::Table<'t, (&'static str, u64), &'static [u8]>;
+
+/// The telemetry table, opened on first use: most commits carry no telemetry and no deletion,
+/// and opening it costs them time (measured on the delta tail).
+fn open_once<'a, 't>(
+    transaction: &'t redb::WriteTransaction,
+    table: &'a mut Option<TelemetryTable<'t>>,
+) -> Result<&'a mut TelemetryTable<'t>, StoreError> {
+    match table {
+        Some(table) => Ok(table),
+        None => Ok(table.insert(transaction.open_table(TELEMETRY)?)),
+    }
+}
+
 fn commit<'a>(database: &Database, batches: impl Iterator<Item = &'a WriteBatch>) -> Result<u64, StoreError> {
     let mut transaction = database.begin_write()?;
     transaction.set_durability(Durability::Immediate)?;
@@ -700,12 +715,9 @@ fn commit<'a>(database: &Database, batches: impl Iterator<Item = &'a WriteBatch>
         let mut tombstones = transaction.open_table(TOMBSTONES)?;
         let mut revisions = transaction.open_table(REVISIONS)?;
         let mut meta = transaction.open_table(META)?;
-        // Opened on first use: most commits carry no telemetry and no deletion.
         let mut telemetry = None;
         // The storage time of the commit's telemetry batches.
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |since| u64::try_from(since.as_nanos()).unwrap_or(u64::MAX));
+        let now = crate::clock::unix_nanos_now();
         let mut any_tombstone = !tombstones.is_empty()?;
         for batch in batches {
             for operation in &batch.operations {
@@ -729,34 +741,26 @@ fn commit<'a>(database: &Database, batches: impl Iterator<Item = &'a WriteBatch>
                         tombstones.insert(twin_id.as_str(), *version)?;
                         revisions.remove(twin_id.as_str())?;
                         any_tombstone = true;
-                        if telemetry.is_none() {
-                            telemetry = Some(transaction.open_table(TELEMETRY)?);
-                        }
-                        if let Some(table) = telemetry.as_mut() {
-                            let id = twin_id.as_str();
-                            table.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
-                        }
+                        let table = open_once(&transaction, &mut telemetry)?;
+                        let id = twin_id.as_str();
+                        table.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
                     }
                     Operation::Telemetry {
                         device_id,
                         batch,
                         retention_nanos,
                     } => {
-                        if telemetry.is_none() {
-                            telemetry = Some(transaction.open_table(TELEMETRY)?);
-                        }
-                        if let Some(table) = telemetry.as_mut() {
-                            let id = device_id.as_str();
-                            let newest = match table.range((id, 0)..=(id, u64::MAX))?.next_back() {
-                                Some(entry) => Some(entry?.0.value().1),
-                                None => None,
-                            };
-                            let stored_at = newest.map_or(now, |newest| now.max(newest.saturating_add(1)));
-                            table.insert((id, stored_at), batch.as_slice())?;
-                            if *retention_nanos > 0 {
-                                let keep_from = stored_at.saturating_sub(*retention_nanos);
-                                table.retain_in((id, 0)..(id, keep_from), |_, _| false)?;
-                            }
+                        let table = open_once(&transaction, &mut telemetry)?;
+                        let id = device_id.as_str();
+                        let newest = match table.range((id, 0)..=(id, u64::MAX))?.next_back() {
+                            Some(entry) => Some(entry?.0.value().1),
+                            None => None,
+                        };
+                        let stored_at = newest.map_or(now, |newest| now.max(newest.saturating_add(1)));
+                        table.insert((id, stored_at), batch.as_slice())?;
+                        if *retention_nanos > 0 {
+                            let keep_from = stored_at.saturating_sub(*retention_nanos);
+                            table.retain_in((id, 0)..(id, keep_from), |_, _| false)?;
                         }
                     }
                     Operation::Revision(revision) => {

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
@@ -566,9 +566,7 @@ impl Engine {
     }
 
     fn now(&mut self) -> Timestamp {
-        let wall = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |since| u64::try_from(since.as_nanos()).unwrap_or(u64::MAX));
+        let wall = crate::clock::unix_nanos_now();
         self.last_now = self.last_now.max(Timestamp::from_unix_nanos(wall));
         self.last_now
     }

@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -114,9 +114,7 @@ async fn answer(mut stream: TcpStream, sources: &Sources) {
 pub fn render(sources: &Sources) -> String {
     let counters = &sources.shared.counters;
     let store = sources.store.stats();
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| u64::try_from(since.as_nanos()).unwrap_or(u64::MAX));
+    let now = crate::clock::unix_nanos_now();
     let (twins, revision, pending_keys, failed_keys, oldest_pending, divergent) = {
         let snapshot = sources.shared.snapshot.read();
         let mut divergent = 0u64;

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -359,10 +359,7 @@ fn scenario_status(error: &ScenarioError, source_field: &str) -> Status {
 }
 
 fn now() -> Timestamp {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| u64::try_from(since.as_nanos()).unwrap_or(u64::MAX));
-    Timestamp::from_unix_nanos(nanos)
+    Timestamp::from_unix_nanos(crate::clock::unix_nanos_now())
 }
 
 fn duration_nanos(nanos: u64) -> i64 {

@@ -164,9 +164,7 @@ impl TelemetryNotices {
         if stamp.device_id.is_empty() {
             device_id.clone_into(&mut stamp.device_id);
         }
-        let received_unix_nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+        let received_unix_nanos = i64::try_from(crate::clock::unix_nanos_now()).unwrap_or(i64::MAX);
         let _receivers = self.sender.send(Arc::new(pb::TelemetryNotice {
             stamp: Some(stamp),
             samples,
