@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::measure::{Arrival, Counters, SequenceTracker};
+use crate::measure::{Arrival, Counters, Latency, SequenceTracker};
 use crate::message::StampRef;
 use crate::shared::Shared;
 
@@ -20,7 +20,22 @@ pub struct Ledger {
     pub reordered: u64,
     /// Messages whose stamp named no device of the fleet, or could not be read.
     pub foreign: u64,
+    /// Arrivals and end-to-end latencies not yet added to the run's shared counter and
+    /// histogram: they are added in bulk (see [`FLUSH_EVERY`]), not per message.
+    unflushed: Unflushed,
 }
+
+#[derive(Debug, Clone, Default)]
+struct Unflushed {
+    received: u64,
+    e2e: Latency,
+    flushed_at: Option<Instant>,
+}
+
+/// At most how often the checker adds what it saw to the shared counter and histogram (which
+/// the progress line reads), looked at every [`FLUSH_CHECK`] messages.
+const FLUSH_EVERY: Duration = Duration::from_millis(100);
+const FLUSH_CHECK: u64 = 1024;
 
 impl Ledger {
     /// An empty ledger for `devices` devices.
@@ -33,7 +48,12 @@ impl Ledger {
 
     /// Notes one received message, received at `received_unix_nanos`.
     pub fn observe(&mut self, shared: &Shared, stamp: Option<StampRef<'_>>, received_unix_nanos: i64) {
-        Counters::add(&shared.counters.received, 1);
+        self.unflushed.received += 1;
+        if self.unflushed.received.is_multiple_of(FLUSH_CHECK)
+            && self.unflushed.flushed_at.is_none_or(|at| at.elapsed() >= FLUSH_EVERY)
+        {
+            self.flush(shared);
+        }
         let Some(stamp) = stamp else {
             self.foreign += 1;
             return;
@@ -51,10 +71,21 @@ impl Ledger {
             Arrival::InOrder => {}
         }
         self.distinct += 1;
-        shared
-            .latencies
+        self.unflushed
             .e2e
             .record_nanos(received_unix_nanos - stamp.intended_send_unix_nanos);
+    }
+
+    /// Adds the arrivals and latencies seen since the last flush to the shared ones (done
+    /// once more when the checker has ended, before the report reads them).
+    pub fn flush(&mut self, shared: &Shared) {
+        let unflushed = &mut self.unflushed;
+        unflushed.flushed_at = Some(Instant::now());
+        Counters::add(&shared.counters.received, std::mem::take(&mut unflushed.received));
+        if unflushed.e2e.count() > 0 {
+            shared.latencies.e2e.merge(&unflushed.e2e);
+            unflushed.e2e.reset();
+        }
     }
 
     /// Whether the checker can stop: everything that left the edge has arrived once the fleet

@@ -2,7 +2,6 @@
 //! optionally rescaled to `--devices N`, and what each device's schedule needs to know about
 //! them (id, group, sensors, upload settings, crashes from the storyboard).
 
-use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
@@ -115,6 +114,9 @@ pub struct DeviceInfo {
     pub group: usize,
     /// The group's sensors, as indices into `Scenario::sensors`.
     pub sensors: Range<usize>,
+    /// The start of every JSON payload the device sends, up to the sequence number:
+    /// `{"stamp":{"device_id":"<id, escaped>","sequence":`, written once.
+    pub json_prefix: Box<[u8]>,
 }
 
 /// The fleet as device-sim sees it.
@@ -124,7 +126,7 @@ pub struct Fleet {
     /// Every device, by global index.
     pub devices: Vec<DeviceInfo>,
     /// Global index of each device id.
-    pub index_of: HashMap<String, u32>,
+    pub index_of: foldhash::HashMap<String, u32>,
 }
 
 impl Fleet {
@@ -133,9 +135,11 @@ impl Fleet {
         let mut devices = Vec::with_capacity(scenario.device_count() as usize);
         for (group_index, group) in scenario.groups.iter().enumerate() {
             for ordinal in 0..group.count {
+                let id = group.device_id(ordinal);
                 devices.push(DeviceInfo {
                     index: group.first_device + ordinal,
-                    id: group.device_id(ordinal),
+                    json_prefix: crate::message::json_prefix(&id),
+                    id,
                     group: group_index,
                     sensors: group.sensors.clone(),
                 });

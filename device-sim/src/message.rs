@@ -147,15 +147,27 @@ pub fn write_payload(
 ) {
     match format {
         PayloadFormat::Json => {
-            let sensors = series(scenario, device, &message.readings, run_start_unix_nanos);
-            let stamp = JsonStamp {
-                device_id: &device.id,
-                sequence: message.sequence,
-                sim_time_nanos: message.sim_time_nanos,
-                intended_send_unix_nanos: message.intended_unix_nanos,
-                sent_unix_nanos,
-            };
-            write_json(out.writer(), stamp, &sensors);
+            // The stamp's layout is fixed: its start is the device's, written once; the
+            // numbers go in with itoa (serde_json's own integer writer). What follows is
+            // serde_json's, as in `encode` (a test compares the bytes).
+            let mut number = itoa::Buffer::new();
+            out.extend_from_slice(&device.json_prefix);
+            out.extend_from_slice(number.format(message.sequence).as_bytes());
+            out.extend_from_slice(br#","sim_time_nanos":"#);
+            out.extend_from_slice(number.format(message.sim_time_nanos).as_bytes());
+            out.extend_from_slice(br#","intended_send_unix_nanos":"#);
+            out.extend_from_slice(number.format(message.intended_unix_nanos).as_bytes());
+            out.extend_from_slice(br#","sent_unix_nanos":"#);
+            out.extend_from_slice(number.format(sent_unix_nanos).as_bytes());
+            out.extend_from_slice(br#"},"sensors":"#);
+            if message.readings.is_empty() {
+                out.extend_from_slice(b"[]");
+            } else {
+                let sensors = series(scenario, device, &message.readings, run_start_unix_nanos);
+                // Writing to memory cannot fail, and these shapes always serialize.
+                let _ = serde_json::to_writer(out.writer(), &json_series(&sensors));
+            }
+            out.put_u8(b'}');
         }
         PayloadFormat::Protobuf => {
             let batch = batch(scenario, device, message, run_start_unix_nanos, sent_unix_nanos);
@@ -170,25 +182,39 @@ pub fn write_payload(
 fn write_json(out: impl std::io::Write, stamp: JsonStamp<'_>, sensors: &[pb::SensorSeries]) {
     let json = JsonBatch {
         stamp,
-        sensors: sensors
-            .iter()
-            .map(|s| JsonSeries {
-                sensor: &s.sensor,
-                start_unix_nanos: s.start_unix_nanos,
-                offsets_nanos: &s.offsets_nanos,
-                channels: s
-                    .channels
-                    .iter()
-                    .map(|c| JsonChannel {
-                        channel: &c.channel,
-                        values: &c.values,
-                    })
-                    .collect(),
-            })
-            .collect(),
+        sensors: json_series(sensors),
     };
     // Writing to memory cannot fail, and these shapes always serialize.
     let _ = serde_json::to_writer(out, &json);
+}
+
+/// The series of a batch in their JSON shape, borrowed.
+fn json_series(sensors: &[pb::SensorSeries]) -> Vec<JsonSeries<'_>> {
+    sensors
+        .iter()
+        .map(|s| JsonSeries {
+            sensor: &s.sensor,
+            start_unix_nanos: s.start_unix_nanos,
+            offsets_nanos: &s.offsets_nanos,
+            channels: s
+                .channels
+                .iter()
+                .map(|c| JsonChannel {
+                    channel: &c.channel,
+                    values: &c.values,
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// The start of a device's JSON payloads, up to the sequence number (see [`write_payload`]).
+pub fn json_prefix(device_id: &str) -> Box<[u8]> {
+    let mut prefix = br#"{"stamp":{"device_id":"#.to_vec();
+    // A string always serializes (escaped as serde_json escapes it in `encode`).
+    let _ = serde_json::to_writer(&mut prefix, device_id);
+    prefix.extend_from_slice(br#","sequence":"#);
+    prefix.into_boxed_slice()
 }
 
 #[derive(Serialize)]
@@ -362,15 +388,24 @@ fn json_stamp_prefix(payload: &[u8]) -> Option<StampRef<'_>> {
 }
 
 /// `key` then a JSON integer (optional minus sign, digits); the value and what follows it.
-fn json_integer<'a, T: std::str::FromStr>(bytes: &'a [u8], key: &[u8]) -> Option<(T, &'a [u8])> {
+/// `None` when it does not fit `T` (the caller then parses the payload in full, which fails
+/// the same way).
+fn json_integer<'a, T: TryFrom<i128>>(bytes: &'a [u8], key: &[u8]) -> Option<(T, &'a [u8])> {
     let rest = bytes.strip_prefix(key)?;
-    let sign = usize::from(rest.first() == Some(&b'-'));
-    let digits = rest[sign..].iter().take_while(|b| b.is_ascii_digit()).count();
-    if digits == 0 {
+    let negative = rest.first() == Some(&b'-');
+    let digits = rest[usize::from(negative)..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .count();
+    // More than 20 digits fits neither u64 nor i64 (and could overflow the accumulator).
+    if digits == 0 || digits > 20 {
         return None;
     }
-    let (number, rest) = rest.split_at(sign + digits);
-    let value = std::str::from_utf8(number).ok()?.parse().ok()?;
+    let (number, rest) = rest.split_at(usize::from(negative) + digits);
+    let magnitude = number[usize::from(negative)..]
+        .iter()
+        .fold(0i128, |value, digit| value * 10 + i128::from(digit - b'0'));
+    let value = T::try_from(if negative { -magnitude } else { magnitude }).ok()?;
     Some((value, rest))
 }
 
@@ -460,7 +495,11 @@ vibration = { shaft_hz = 25.0, harmonics = [0.5] }
         let scenario = Scenario::from_toml("two-sensors", TWO_SENSORS, &twin_core::NoFiles, Default::default())
             .expect("valid scenario");
         let fleet = crate::fleet::Fleet::new(std::sync::Arc::new(scenario));
-        let device = &fleet.devices[1];
+        // The scenario's device, and the same with an id JSON must escape (its start is
+        // written once per device, ahead of the messages).
+        let mut escaped = fleet.devices[1].clone();
+        escaped.id = "m\"01\\ü\u{1}".into();
+        escaped.json_prefix = json_prefix(&escaped.id);
         let messages = [
             Vec::new(),
             vec![reading(0, 1, 250_000_000, 21.5)],
@@ -474,7 +513,11 @@ vibration = { shaft_hz = 25.0, harmonics = [0.5] }
             ],
         ];
         let mut buffer = BytesMut::new();
-        for (n, readings) in messages.into_iter().enumerate() {
+        for ((n, readings), device) in messages
+            .into_iter()
+            .enumerate()
+            .flat_map(|m| [(m.clone(), &fleet.devices[1]), (m, &escaped)])
+        {
             let message = Outgoing {
                 device: device.index,
                 sequence: 41 + n as u64,
@@ -507,6 +550,24 @@ vibration = { shaft_hz = 25.0, harmonics = [0.5] }
             (stamp.device_id.as_ref(), stamp.sequence, stamp.sim_time_nanos),
             ("a\"b", 3, -1)
         );
+        // Numbers at and beyond the limits of their types.
+        for (sequence, expected) in [
+            ("18446744073709551615", Some(u64::MAX)),
+            ("18446744073709551616", None),
+            ("-1", None),
+            ("99999999999999999999999", None),
+        ] {
+            let text = format!(
+                r#"{{"stamp":{{"device_id":"d","sequence":{sequence},"sim_time_nanos":-9223372036854775808,"intended_send_unix_nanos":0,"sent_unix_nanos":0}},"sensors":[]}}"#
+            );
+            let fast = json_stamp_prefix(text.as_bytes());
+            assert_eq!(fast.as_ref().map(|s| s.sequence), expected, "{sequence}");
+            assert_eq!(fast.map(|s| s.sim_time_nanos).unwrap_or(i64::MIN), i64::MIN);
+            // Where the prefix reader gives up, serde_json agrees that it is no stamp.
+            if expected.is_none() {
+                assert_eq!(read_stamp(text.as_bytes(), PayloadFormat::Json), None, "{sequence}");
+            }
+        }
         // A cut payload is not a stamp.
         payload.truncate(40);
         assert_eq!(read_stamp(&payload, PayloadFormat::Json), None);

@@ -158,7 +158,7 @@ pub async fn run(
         let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
     }
     shared.flushed.cancel();
-    let ledger = match checker {
+    let mut ledger = match checker {
         Some(checker) => {
             let mut checker = checker;
             match tokio::time::timeout(drain + Duration::from_secs(1), &mut checker).await {
@@ -174,6 +174,9 @@ pub async fn run(
         }
         None => None,
     };
+    if let Some(ledger) = &mut ledger {
+        ledger.flush(&shared);
+    }
     shared.hard_stop.cancel();
     progress_done.cancel();
     if let Some(progress) = progress {

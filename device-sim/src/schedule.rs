@@ -233,6 +233,8 @@ pub struct Scheduler {
     handed_messages: u64,
     /// The readings those messages carry.
     handed_readings: u64,
+    /// Messages dropped at a full device queue since then (counted as overflows and errors).
+    overflowed: u64,
 }
 
 impl Scheduler {
@@ -299,6 +301,7 @@ impl Scheduler {
             arrivals_stream: Stream::derive(seed, &["device-sim", "arrivals"]),
             handed_messages: 0,
             handed_readings: 0,
+            overflowed: 0,
         }
     }
 
@@ -514,6 +517,10 @@ impl Scheduler {
             Counters::add(&self.counters.sent, std::mem::take(&mut self.handed_messages));
             Counters::add(&self.counters.samples_sent, std::mem::take(&mut self.handed_readings));
         }
+        if self.overflowed > 0 {
+            Counters::add(&self.counters.overflows, self.overflowed);
+            Counters::add(&self.counters.errors, std::mem::take(&mut self.overflowed));
+        }
     }
 
     /// Hands over every message due by `now` (cadence queue, then rate arrivals).
@@ -606,10 +613,7 @@ impl Scheduler {
         }
         match self.outboxes[device as usize].try_send(message) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                Counters::add(&self.counters.overflows, 1);
-                Counters::add(&self.counters.errors, 1);
-            }
+            Err(TrySendError::Full(_)) => self.overflowed += 1,
             Err(TrySendError::Closed(_)) => Counters::add(&self.counters.errors, 1),
         }
     }
