@@ -32,10 +32,10 @@ struct Unflushed {
     flushed_at: Option<Instant>,
 }
 
-/// At most how often the checker adds what it saw to the shared counter and histogram (which
-/// the progress line reads), looked at every [`FLUSH_CHECK`] messages.
+/// How often the checker adds what it saw to the shared counter and histogram (which the
+/// progress line reads): when asked whether it is done ([`Ledger::done`]) this long after the
+/// last time.
 const FLUSH_EVERY: Duration = Duration::from_millis(100);
-const FLUSH_CHECK: u64 = 1024;
 
 impl Ledger {
     /// An empty ledger for `devices` devices.
@@ -49,11 +49,6 @@ impl Ledger {
     /// Notes one received message, received at `received_unix_nanos`.
     pub fn observe(&mut self, shared: &Shared, stamp: Option<StampRef<'_>>, received_unix_nanos: i64) {
         self.unflushed.received += 1;
-        if self.unflushed.received.is_multiple_of(FLUSH_CHECK)
-            && self.unflushed.flushed_at.is_none_or(|at| at.elapsed() >= FLUSH_EVERY)
-        {
-            self.flush(shared);
-        }
         let Some(stamp) = stamp else {
             self.foreign += 1;
             return;
@@ -91,7 +86,12 @@ impl Ledger {
     /// Whether the checker can stop: everything that left the edge has arrived once the fleet
     /// has flushed (messages a partitioned gateway lost or still holds never leave it), or the
     /// drain time since then is over, or the run is stopped hard.
-    pub fn done(&self, shared: &Shared, flushed_at: &mut Option<Instant>) -> bool {
+    /// Asked now and then, it also adds what was seen to the shared counter and histogram
+    /// ([`FLUSH_EVERY`]).
+    pub fn done(&mut self, shared: &Shared, flushed_at: &mut Option<Instant>) -> bool {
+        if self.unflushed.flushed_at.is_none_or(|at| at.elapsed() >= FLUSH_EVERY) {
+            self.flush(shared);
+        }
         if shared.hard_stop.is_cancelled() {
             return true;
         }
@@ -109,3 +109,69 @@ impl Ledger {
 
 /// How often a checker looks at whether it is done while nothing arrives.
 pub const CHECK_INTERVAL: Duration = Duration::from_millis(50);
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+
+    use super::*;
+
+    const TWO_DEVICES: &str = r#"
+seed = 1
+[meta]
+name = "two"
+description = "Two thermometers."
+[clock]
+mode = "virtual"
+duration = "10s"
+tick = "250ms"
+[[fleet]]
+name = "t"
+count = 2
+id = "t-{index}"
+[[fleet.sensors]]
+name = "temperature"
+unit = "C"
+rate_hz = 1
+ornstein_uhlenbeck = { mean = 21.0, reversion = 0.1, volatility = 0.2 }
+"#;
+
+    fn stamp(device_id: &str, sequence: u64, intended_send_unix_nanos: i64) -> Option<StampRef<'_>> {
+        Some(StampRef {
+            device_id: Cow::Borrowed(device_id),
+            sequence,
+            sim_time_nanos: 0,
+            intended_send_unix_nanos,
+            sent_unix_nanos: intended_send_unix_nanos,
+        })
+    }
+
+    #[test]
+    fn what_the_checker_saw_reaches_the_shared_counters_when_asked() {
+        let shared = Shared::for_test(TWO_DEVICES, Duration::from_secs(1));
+        let id = shared.fleet.devices[1].id.clone();
+        let mut ledger = Ledger::new(shared.fleet.devices.len());
+        let mut flushed_at = None;
+        // The first question flushes (nothing yet) and starts the 100 ms period.
+        assert!(!ledger.done(&shared, &mut flushed_at));
+        for sequence in [1, 2, 2, 4] {
+            ledger.observe(&shared, stamp(&id, sequence, 0), 5_000_000 * sequence as i64);
+        }
+        ledger.observe(&shared, stamp("not-in-the-fleet", 1, 0), 1);
+        ledger.observe(&shared, None, 1);
+        assert_eq!((ledger.distinct, ledger.duplicates, ledger.foreign), (3, 1, 2));
+        // Once the period is over, the next question adds everything.
+        std::thread::sleep(FLUSH_EVERY);
+        assert!(!ledger.done(&shared, &mut flushed_at));
+        assert_eq!(Counters::get(&shared.counters.received), 6);
+        let e2e = shared.latencies.e2e.snapshot();
+        assert_eq!(e2e.count(), 3);
+        assert_eq!(e2e.quantile_ms(1.0).map(f64::round), Some(20.0));
+        // The final flush adds what came after, once.
+        ledger.observe(&shared, stamp(&id, 3, 0), 1_000_000);
+        ledger.flush(&shared);
+        ledger.flush(&shared);
+        assert_eq!(Counters::get(&shared.counters.received), 7);
+        assert_eq!(shared.latencies.e2e.snapshot().count(), 4);
+    }
+}

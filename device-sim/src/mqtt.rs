@@ -566,27 +566,29 @@ async fn publish_answer(shared: &Shared, client: &AsyncClient, progress: &Progre
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::PayloadFormat;
-    use crate::target::Target;
+
+    const ONE_DEVICE: &str = r#"
+seed = 1
+[meta]
+name = "one"
+description = "One thermometer."
+[clock]
+mode = "virtual"
+duration = "10s"
+tick = "250ms"
+[[fleet]]
+name = "t"
+count = 1
+id = "t-{index}"
+[[fleet.sensors]]
+name = "temperature"
+unit = "C"
+rate_hz = 1
+ornstein_uhlenbeck = { mean = 21.0, reversion = 0.1, volatility = 0.2 }
+"#;
 
     fn settings(connect_timeout: Duration) -> TransportSettings {
-        TransportSettings {
-            target: Target::parse("mqtt://127.0.0.1:1883").expect("target"),
-            qos: 0,
-            payload: PayloadFormat::Json,
-            topic: "devices/{id}/telemetry".into(),
-            command_topic: "devices/{id}/desired".into(),
-            client_id: "{id}".into(),
-            stream: None,
-            create_stream: false,
-            delete_stream: false,
-            connect_rate: None,
-            connect_timeout,
-            keep_alive: Duration::from_secs(30),
-            drain_timeout: Duration::from_secs(5),
-            max_in_flight: 1024,
-            checker: true,
-        }
+        Shared::for_test(ONE_DEVICE, connect_timeout).settings
     }
 
     #[test]

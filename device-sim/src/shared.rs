@@ -93,3 +93,39 @@ impl Shared {
 pub fn wildcard(template: &str, wildcard: &str) -> String {
     template.replace("{id}", wildcard).replace("{group}", wildcard)
 }
+
+#[cfg(test)]
+impl Shared {
+    /// A run's shared state for a unit test: a scenario's fleet, MQTT on 127.0.0.1:1883 with
+    /// the default templates, nothing connected.
+    pub fn for_test(scenario_toml: &str, connect_timeout: Duration) -> Self {
+        let scenario = twin_core::Scenario::from_toml("test", scenario_toml, &twin_core::NoFiles, Default::default())
+            .expect("valid scenario");
+        Self {
+            fleet: Arc::new(Fleet::new(Arc::new(scenario))),
+            pace: Pace::starting_now(1.0),
+            settings: TransportSettings {
+                target: Target::parse("mqtt://127.0.0.1:1883").expect("target"),
+                qos: 0,
+                payload: PayloadFormat::Json,
+                topic: "devices/{id}/telemetry".into(),
+                command_topic: "devices/{id}/desired".into(),
+                client_id: "{id}".into(),
+                stream: None,
+                create_stream: false,
+                delete_stream: false,
+                connect_rate: None,
+                connect_timeout,
+                keep_alive: Duration::from_secs(30),
+                drain_timeout: Duration::from_secs(5),
+                max_in_flight: 1024,
+                checker: true,
+            },
+            counters: Arc::default(),
+            latencies: Latencies::default(),
+            commands: Arc::new(Vec::new()),
+            flushed: CancellationToken::new(),
+            hard_stop: CancellationToken::new(),
+        }
+    }
+}
