@@ -87,7 +87,7 @@ impl Ledger {
     /// has flushed (messages a partitioned gateway lost or still holds never leave it), or the
     /// drain time since then is over, or the run is stopped hard.
     /// Asked now and then, it also adds what was seen to the shared counter and histogram
-    /// ([`FLUSH_EVERY`]).
+    /// (at most every 100 ms).
     pub fn done(&mut self, shared: &Shared, flushed_at: &mut Option<Instant>) -> bool {
         if self.unflushed.flushed_at.is_none_or(|at| at.elapsed() >= FLUSH_EVERY) {
             self.flush(shared);
