@@ -116,26 +116,6 @@ mod tests {
 
     use super::*;
 
-    const TWO_DEVICES: &str = r#"
-seed = 1
-[meta]
-name = "two"
-description = "Two thermometers."
-[clock]
-mode = "virtual"
-duration = "10s"
-tick = "250ms"
-[[fleet]]
-name = "t"
-count = 2
-id = "t-{index}"
-[[fleet.sensors]]
-name = "temperature"
-unit = "C"
-rate_hz = 1
-ornstein_uhlenbeck = { mean = 21.0, reversion = 0.1, volatility = 0.2 }
-"#;
-
     fn stamp(device_id: &str, sequence: u64, intended_send_unix_nanos: i64) -> Option<StampRef<'_>> {
         Some(StampRef {
             device_id: Cow::Borrowed(device_id),
@@ -148,7 +128,7 @@ ornstein_uhlenbeck = { mean = 21.0, reversion = 0.1, volatility = 0.2 }
 
     #[test]
     fn what_the_checker_saw_reaches_the_shared_counters_when_asked() {
-        let shared = Shared::for_test(TWO_DEVICES, Duration::from_secs(1));
+        let shared = Shared::for_test(Duration::from_secs(1));
         let id = shared.fleet.devices[1].id.clone();
         let mut ledger = Ledger::new(shared.fleet.devices.len());
         let mut flushed_at = None;

@@ -5,7 +5,7 @@
 //! clock since, so a wall-clock step during a run does not bend the latencies measured in this
 //! process.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// The run's time base.
 #[derive(Clone, Copy, Debug)]
@@ -21,13 +21,9 @@ pub struct Pace {
 impl Pace {
     /// A time base starting now.
     pub fn starting_now(factor: f64) -> Self {
-        let start = Instant::now();
-        let start_unix_nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
         Self {
-            start,
-            start_unix_nanos,
+            start: Instant::now(),
+            start_unix_nanos: system_unix_nanos(),
             factor,
         }
     }
@@ -57,7 +53,5 @@ impl Pace {
 
 /// Unix nanoseconds now, from the system clock (for comparing with another process's stamps).
 pub fn system_unix_nanos() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+    i64::try_from(twin_server::clock::unix_nanos_now()).unwrap_or(i64::MAX)
 }

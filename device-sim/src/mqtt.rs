@@ -567,28 +567,8 @@ async fn publish_answer(shared: &Shared, client: &AsyncClient, progress: &Progre
 mod tests {
     use super::*;
 
-    const ONE_DEVICE: &str = r#"
-seed = 1
-[meta]
-name = "one"
-description = "One thermometer."
-[clock]
-mode = "virtual"
-duration = "10s"
-tick = "250ms"
-[[fleet]]
-name = "t"
-count = 1
-id = "t-{index}"
-[[fleet.sensors]]
-name = "temperature"
-unit = "C"
-rate_hz = 1
-ornstein_uhlenbeck = { mean = 21.0, reversion = 0.1, volatility = 0.2 }
-"#;
-
     fn settings(connect_timeout: Duration) -> TransportSettings {
-        Shared::for_test(ONE_DEVICE, connect_timeout).settings
+        Shared::for_test(connect_timeout).settings
     }
 
     #[test]

@@ -96,11 +96,31 @@ pub fn wildcard(template: &str, wildcard: &str) -> String {
 
 #[cfg(test)]
 impl Shared {
-    /// A run's shared state for a unit test: a scenario's fleet, MQTT on 127.0.0.1:1883 with
-    /// the default templates, nothing connected.
-    pub fn for_test(scenario_toml: &str, connect_timeout: Duration) -> Self {
-        let scenario = twin_core::Scenario::from_toml("test", scenario_toml, &twin_core::NoFiles, Default::default())
-            .expect("valid scenario");
+    /// A run's shared state for a unit test: two thermometers (`t-0`, `t-1`), MQTT on
+    /// 127.0.0.1:1883 with the default templates, nothing connected.
+    pub fn for_test(connect_timeout: Duration) -> Self {
+        const TWO_THERMOMETERS: &str = r#"
+seed = 1
+[meta]
+name = "two"
+description = "Two thermometers."
+[clock]
+mode = "virtual"
+duration = "10s"
+tick = "250ms"
+[[fleet]]
+name = "t"
+count = 2
+id = "t-{index}"
+[[fleet.sensors]]
+name = "temperature"
+unit = "C"
+rate_hz = 1
+ornstein_uhlenbeck = { mean = 21.0, reversion = 0.1, volatility = 0.2 }
+"#;
+        let scenario =
+            twin_core::Scenario::from_toml("test", TWO_THERMOMETERS, &twin_core::NoFiles, Default::default())
+                .expect("valid scenario");
         Self {
             fleet: Arc::new(Fleet::new(Arc::new(scenario))),
             pace: Pace::starting_now(1.0),

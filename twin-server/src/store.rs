@@ -689,8 +689,6 @@ fn commit_and_reply(database: &Database, writes: &mut Vec<(WriteBatch, Reply)>, 
     }
 }
 
-/// Applies every batch in one write transaction with immediate durability. Returns the number
-/// of operations.
 /// The telemetry table of a commit's transaction.
 type TelemetryTable<'t> = redb::Table<'t, (&'static str, u64), &'static [u8]>;
 
@@ -706,6 +704,8 @@ fn open_once<'a, 't>(
     }
 }
 
+/// Applies every batch in one write transaction with immediate durability. Returns the number
+/// of operations.
 fn commit<'a>(database: &Database, batches: impl Iterator<Item = &'a WriteBatch>) -> Result<u64, StoreError> {
     let mut transaction = database.begin_write()?;
     transaction.set_durability(Durability::Immediate)?;
