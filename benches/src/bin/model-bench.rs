@@ -1,10 +1,11 @@
 //! `model-bench`: tract on the shipped models, per row at batch 1 and 256, side by side with
-//! onnxruntime on the same rows (both single-threaded, in the same run), medians of many runs.
+//! onnxruntime on the same rows (both single-threaded, in the same run), medians of many runs,
+//! in rounds: each round times tract then onnxruntime, and the ratios are taken per round.
 //!
 //! ```text
 //! pip install -r scenarios/models/requirements.txt
 //! cargo build --release -p twin-benches
-//! target/release/model-bench
+//! target/release/model-bench --repeat 500 --rounds 7
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -25,6 +26,10 @@ struct Args {
     /// Timed runs per measurement.
     #[arg(long, default_value_t = 300)]
     repeat: usize,
+    /// Rounds per model, each measuring tract then onnxruntime: the machine's load moves
+    /// between rounds, so ratios are taken within a round and their median reported.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
 }
 
 fn workspace() -> PathBuf {
@@ -79,6 +84,33 @@ fn rows_for(reference: &Value, width: usize) -> Vec<f32> {
     rows
 }
 
+/// Per-row microseconds of onnxruntime at batch 1 and 256 on the same rows, and its version.
+fn onnxruntime_us_per_row(args: &Args, model: &Path, rows_file: &Path) -> Result<(f64, f64, Value)> {
+    let output = Command::new(&args.python)
+        .arg(workspace().join("benches/onnxruntime_bench.py"))
+        .arg(model)
+        .arg(rows_file)
+        .args(["--batches", "1", "256", "--repeat", &args.repeat.to_string()])
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .context("running benches/onnxruntime_bench.py")?;
+    if !output.status.success() {
+        bail!("onnxruntime bench failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    let lines: Vec<Value> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let [batch_1, batch_256] = lines.as_slice() else {
+        bail!("onnxruntime bench printed {} lines, expected 2", lines.len());
+    };
+    Ok((
+        batch_1["median_us_per_row"].as_f64().unwrap_or(f64::NAN),
+        batch_256["median_us_per_row"].as_f64().unwrap_or(f64::NAN),
+        batch_1["onnxruntime"].clone(),
+    ))
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let models_dir = workspace().join("scenarios/models");
@@ -101,35 +133,34 @@ fn main() -> Result<()> {
         let rows_file = dir.join(format!("{file}.rows.json"));
         let as_rows: Vec<&[f32]> = rows.chunks(model.width()).collect();
         std::fs::write(&rows_file, serde_json::to_string(&as_rows)?)?;
-        let tract_1 = tract_us_per_row(&model, &rows, 1, args.repeat)?;
-        let tract_256 = tract_us_per_row(&model, &rows, 256, args.repeat)?;
-        let output = Command::new(&args.python)
-            .arg(workspace().join("benches/onnxruntime_bench.py"))
-            .arg(&path)
-            .arg(&rows_file)
-            .args(["--batches", "1", "256", "--repeat", &args.repeat.to_string()])
-            .env("OMP_NUM_THREADS", "1")
-            .output()
-            .context("running benches/onnxruntime_bench.py")?;
-        if !output.status.success() {
-            bail!("onnxruntime bench failed: {}", String::from_utf8_lossy(&output.stderr));
+        let mut rounds = Vec::with_capacity(args.rounds);
+        for _ in 0..args.rounds.max(1) {
+            let tract_1 = tract_us_per_row(&model, &rows, 1, args.repeat)?;
+            let tract_256 = tract_us_per_row(&model, &rows, 256, args.repeat)?;
+            let (ort_1, ort_256, ort_version) = onnxruntime_us_per_row(&args, &path, &rows_file)?;
+            rounds.push(json!({
+                "tract_us_per_row_batch_1": tract_1,
+                "tract_us_per_row_batch_256": tract_256,
+                "tract_batching_gain": tract_1 / tract_256,
+                "onnxruntime_us_per_row_batch_1": ort_1,
+                "onnxruntime_us_per_row_batch_256": ort_256,
+                "tract_throughput_over_onnxruntime_batch_1": ort_1 / tract_1,
+                "tract_throughput_over_onnxruntime_batch_256": ort_256 / tract_256,
+                "onnxruntime_version": ort_version,
+            }));
         }
-        let ort: Vec<Value> = String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .map(serde_json::from_str)
-            .collect::<Result<_, _>>()?;
-        let ort_1 = ort[0]["median_us_per_row"].as_f64().unwrap_or(f64::NAN);
-        let ort_256 = ort[1]["median_us_per_row"].as_f64().unwrap_or(f64::NAN);
+        let median_of = |key: &str| median(rounds.iter().filter_map(|r| r[key].as_f64()).collect());
         let result = json!({
             "model": file,
-            "tract_us_per_row_batch_1": tract_1,
-            "tract_us_per_row_batch_256": tract_256,
-            "tract_batching_gain": tract_1 / tract_256,
-            "onnxruntime_us_per_row_batch_1": ort_1,
-            "onnxruntime_us_per_row_batch_256": ort_256,
-            "tract_throughput_over_onnxruntime_batch_1": ort_1 / tract_1,
-            "tract_throughput_over_onnxruntime_batch_256": ort_256 / tract_256,
-            "onnxruntime_version": ort[0]["onnxruntime"],
+            "rounds": rounds.len(),
+            "median_tract_us_per_row_batch_1": median_of("tract_us_per_row_batch_1"),
+            "median_tract_us_per_row_batch_256": median_of("tract_us_per_row_batch_256"),
+            "median_tract_batching_gain": median_of("tract_batching_gain"),
+            "median_onnxruntime_us_per_row_batch_1": median_of("onnxruntime_us_per_row_batch_1"),
+            "median_onnxruntime_us_per_row_batch_256": median_of("onnxruntime_us_per_row_batch_256"),
+            "median_tract_throughput_over_onnxruntime_batch_1": median_of("tract_throughput_over_onnxruntime_batch_1"),
+            "median_tract_throughput_over_onnxruntime_batch_256": median_of("tract_throughput_over_onnxruntime_batch_256"),
+            "per_round": rounds,
         });
         eprintln!("{result}");
         results.push(result);

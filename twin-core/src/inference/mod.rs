@@ -5,6 +5,8 @@
 //! or free batch dimension), optimized once into a plan, and run on batches of rows. The plan
 //! is shared (`Arc`), so every device running the same version uses the same plan.
 
+mod rows;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -311,6 +313,12 @@ impl CompiledModel {
     /// Undecodable bytes, operators tract does not implement (named), an input that is not a
     /// single `[N, width]` float32 matrix, or tract's own refusal.
     pub fn load(bytes: &[u8]) -> Result<Self, ModelError> {
+        Self::load_with(bytes, true)
+    }
+
+    /// [`CompiledModel::load`], with tract's own softmax and argmax kept when `replace_row_ops`
+    /// is false (the tests compare both).
+    fn load_with(bytes: &[u8], replace_row_ops: bool) -> Result<Self, ModelError> {
         let framework = onnx();
         let proto = decode(bytes)?;
         let graph = proto
@@ -381,7 +389,10 @@ impl CompiledModel {
             .into_decluttered()
             .map_err(tract_error)?;
         let cost = model_cost(&decluttered, &batch, graph)?;
-        let optimized = decluttered.into_optimized().map_err(tract_error)?;
+        let mut optimized = decluttered.into_optimized().map_err(tract_error)?;
+        if replace_row_ops {
+            rows::replace_row_ops(&mut optimized).map_err(tract_error)?;
+        }
         let plan = optimized.into_runnable().map_err(tract_error)?;
         Ok(Self {
             plan,
@@ -477,5 +488,58 @@ impl CompiledModel {
             outputs.push(Output { name, width, values });
         }
         Ok(outputs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DIGITS: &[u8] = include_bytes!("../../../scenarios/models/digits-v1.onnx");
+
+    fn op_names(model: &CompiledModel) -> Vec<String> {
+        model
+            .plan
+            .model()
+            .nodes()
+            .iter()
+            .map(|n| n.op.name().to_string())
+            .collect()
+    }
+
+    /// The row ops are in the digits plan, and give tract's own outputs: the same classes, and
+    /// probabilities within float32 rounding.
+    #[test]
+    fn row_ops_give_tracts_outputs_on_the_digits_model() {
+        let ours = CompiledModel::load(DIGITS).expect("digits");
+        let tracts = CompiledModel::load_with(DIGITS, false).expect("digits, tract's ops");
+        let names = op_names(&ours);
+        assert!(names.iter().any(|n| n == "RowSoftmax"), "{names:?}");
+        assert!(names.iter().any(|n| n == "RowArgMax"), "{names:?}");
+        assert!(!op_names(&tracts).iter().any(|n| n.starts_with("Row")));
+        // 300 rows of pixels in [0, 1], from a fixed linear congruence.
+        let mut state: u32 = 12_345;
+        let rows: Vec<f32> = (0..300 * 64)
+            .map(|_| {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (state >> 8) as f32 / (1u32 << 24) as f32
+            })
+            .collect();
+        for batch in [1, 7, 256, 300] {
+            let input = &rows[..batch * 64];
+            let (a, b) = (ours.run(input).expect("run"), tracts.run(input).expect("run"));
+            assert_eq!(a.len(), 2);
+            match (&a[0].values, &b[0].values) {
+                (OutputValues::F32(x), OutputValues::F32(y)) => {
+                    assert_eq!(x.len(), batch * 10);
+                    for (p, q) in x.iter().zip(y) {
+                        assert!((p - q).abs() < 1e-6, "batch {batch}: {p} vs {q}");
+                    }
+                }
+                other => panic!("probabilities: {other:?}"),
+            }
+            assert_eq!(a[1], b[1], "batch {batch}: classes differ");
+            assert_eq!(a[1].width, 1);
+        }
     }
 }
