@@ -1,4 +1,4 @@
-//! `model-bench`: tract on the shipped models, per row at batch 1 and 256, side by side with
+//! `model-bench`: tract on every shipped model, per row at batch 1 and 256, side by side with
 //! onnxruntime on the same rows (both single-threaded, in the same run), medians of many runs,
 //! in rounds: each round times tract then onnxruntime, and the ratios are taken per round.
 //!
@@ -120,9 +120,6 @@ fn main() -> Result<()> {
     let mut results = Vec::new();
     for case in reference["models"].as_array().context("reference models")? {
         let file = case["file"].as_str().context("file")?;
-        if file != "vibration-anomaly-v2.onnx" && file != "digits-v1.onnx" {
-            continue;
-        }
         let path = models_dir.join(file);
         let model = CompiledModel::load(&std::fs::read(&path)?)?;
         let (_, inputs) = case["inputs"]
