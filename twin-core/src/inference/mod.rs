@@ -194,6 +194,16 @@ pub fn extend_row_f32(outputs: &[Output], row: usize, into: &mut Vec<f32>) {
 
 type Plan = TypedSimplePlan;
 
+/// The values of a plain tensor, in row-major order.
+fn plain_values<T: Datum + Copy>(tensor: &Tensor) -> Result<Vec<T>, ModelError> {
+    Ok(tensor
+        .to_plain_array_view::<T>()
+        .map_err(tract_error)?
+        .iter()
+        .copied()
+        .collect())
+}
+
 /// A model optimized into a runnable plan for batches of float32 rows.
 #[derive(Debug)]
 pub struct CompiledModel {
@@ -456,33 +466,13 @@ impl CompiledModel {
             let shape = value.shape();
             let width = shape.iter().skip(1).product::<usize>().max(1);
             let values = match value.datum_type() {
-                DatumType::F32 => OutputValues::F32(
-                    value
-                        .to_plain_array_view::<f32>()
-                        .map_err(tract_error)?
-                        .iter()
-                        .copied()
-                        .collect(),
-                ),
-                DatumType::I64 => OutputValues::I64(
-                    value
-                        .to_plain_array_view::<i64>()
-                        .map_err(tract_error)?
-                        .iter()
-                        .copied()
-                        .collect(),
-                ),
+                DatumType::F32 => OutputValues::F32(plain_values(value)?),
+                DatumType::I64 => OutputValues::I64(plain_values(value)?),
                 other => {
                     let cast = value
                         .cast_to::<f32>()
                         .map_err(|err| ModelError::Tract(format!("output `{name}` of type {other:?}: {err}")))?;
-                    OutputValues::F32(
-                        cast.to_plain_array_view::<f32>()
-                            .map_err(tract_error)?
-                            .iter()
-                            .copied()
-                            .collect(),
-                    )
+                    OutputValues::F32(plain_values(&cast)?)
                 }
             };
             outputs.push(Output { name, width, values });

@@ -61,9 +61,9 @@ fn argmax(row: &[f32], last: bool) -> i64 {
     best.0 as i64
 }
 
-/// The last dimension of `fact` when it is a known non-zero number.
-fn known_row_len(fact: &TypedFact) -> Option<usize> {
-    fact.shape.last().and_then(|d| d.to_usize().ok()).filter(|&n| n > 0)
+/// Whether the last dimension of `fact` is a known non-zero number.
+fn has_known_width(fact: &TypedFact) -> bool {
+    fact.shape.last().and_then(|d| d.to_usize().ok()).is_some_and(|n| n > 0)
 }
 
 /// Softmax over the last axis of a float32 tensor (see the module docs).
@@ -150,16 +150,15 @@ impl TypedOp for RowArgMax {
 
 /// Replaces tract's `Softmax` and `ArgMax` nodes of `model` by [`RowSoftmax`] and
 /// [`RowArgMax`] where they apply: float32 input, over the last axis only, whose length is a
-/// known non-zero number. Returns how many nodes were replaced.
-pub(super) fn replace_row_ops(model: &mut TypedModel) -> TractResult<usize> {
-    let mut replaced = 0;
+/// known non-zero number.
+pub(super) fn replace_row_ops(model: &mut TypedModel) -> TractResult<()> {
     for id in 0..model.nodes().len() {
         let input = {
             let node = model.node(id);
             let [input] = node.inputs.as_slice() else { continue };
             model.outlet_fact(*input)?.clone()
         };
-        if input.datum_type != f32::datum_type() || known_row_len(&input).is_none() {
+        if input.datum_type != f32::datum_type() || !has_known_width(&input) {
             continue;
         }
         let last_axis = input.rank() - 1;
@@ -181,10 +180,9 @@ pub(super) fn replace_row_ops(model: &mut TypedModel) -> TractResult<usize> {
         };
         if let Some(op) = replacement {
             node.op = op;
-            replaced += 1;
         }
     }
-    Ok(replaced)
+    Ok(())
 }
 
 #[cfg(test)]
