@@ -44,16 +44,35 @@ impl WindowAcc {
     /// Adds a block of samples.
     #[inline]
     pub fn add_block(&mut self, values: &[f64], shift: f64) {
-        let Some(&last) = values.last() else { return };
+        self.add_each(values.len(), shift, |i| values[i]);
+    }
+
+    /// Adds the block of samples `base[i] + scale * noise[i]` (a signal plus scaled noise)
+    /// without writing them anywhere: bit for bit what adding them with [`Self::add_block`]
+    /// gives, one pass over the block instead of two.
+    ///
+    /// # Panics
+    /// When `noise` is shorter than `base`.
+    #[inline]
+    pub fn add_block_with_noise(&mut self, base: &[f64], noise: &[f64], scale: f64, shift: f64) {
+        let noise = &noise[..base.len()];
+        self.add_each(base.len(), shift, |i| base[i] + scale * noise[i]);
+    }
+
+    /// Adds the samples `value(0..n)`, each computed once, in the hot loop's fixed lane order.
+    #[inline(always)]
+    fn add_each(&mut self, n: usize, shift: f64, value: impl Fn(usize) -> f64) {
+        if n == 0 {
+            return;
+        }
         let mut sum = [0.0; LANES];
         let mut sum_sq = [0.0; LANES];
         let mut min = [f64::INFINITY; LANES];
         let mut max = [f64::NEG_INFINITY; LANES];
-        let chunks = values.chunks_exact(LANES);
-        let rest = chunks.remainder();
-        for chunk in chunks {
+        let full = n - n % LANES;
+        for start in (0..full).step_by(LANES) {
             for lane in 0..LANES {
-                let x = chunk[lane];
+                let x = value(start + lane);
                 let d = x - shift;
                 sum[lane] += d;
                 sum_sq[lane] += d * d;
@@ -61,7 +80,8 @@ impl WindowAcc {
                 max[lane] = if x > max[lane] { x } else { max[lane] };
             }
         }
-        for (lane, &x) in rest.iter().enumerate() {
+        for (lane, i) in (full..n).enumerate() {
+            let x = value(i);
             let d = x - shift;
             sum[lane] += d;
             sum_sq[lane] += d * d;
@@ -74,8 +94,8 @@ impl WindowAcc {
         let block_max = max[0].max(max[1]).max(max[2].max(max[3]));
         self.min = self.min.min(block_min);
         self.max = self.max.max(block_max);
-        self.count += values.len() as u32;
-        self.last = last;
+        self.count += n as u32;
+        self.last = value(n - 1);
     }
 
     /// Starts a new window; `last` (the last reading ever) is kept.
@@ -225,6 +245,21 @@ mod tests {
         assert_eq!(s.min, 20.0);
         assert_eq!(s.max, 21.0);
         assert_eq!(s.last, values[102]);
+    }
+
+    #[test]
+    fn adding_noise_on_the_fly_equals_adding_the_noisy_block() {
+        let base: Vec<f64> = (0..259).map(|i| 9.8 + (i as f64 * 0.61).sin()).collect();
+        let noise: Vec<f64> = (0..259).map(|i| ((i * 7919) % 101) as f64 / 50.0 - 1.0).collect();
+        for n in [0, 1, 3, 4, 5, 255, 256, 259] {
+            let noisy: Vec<f64> = base[..n].iter().zip(&noise).map(|(b, z)| b + 0.05 * z).collect();
+            let (mut written, mut fused) = (WindowAcc::default(), WindowAcc::default());
+            written.add_block(&noisy, 9.8);
+            fused.add_block_with_noise(&base[..n], &noise, 0.05, 9.8);
+            let bits = |w: &WindowAcc| [w.min, w.max, w.sum, w.sum_sq, w.last].map(f64::to_bits).to_vec();
+            assert_eq!(bits(&written), bits(&fused), "{n} samples");
+            assert_eq!(written.count, fused.count);
+        }
     }
 
     #[test]

@@ -204,6 +204,13 @@ fn plain_values<T: Datum + Copy>(tensor: &Tensor) -> Result<Vec<T>, ModelError> 
         .collect())
 }
 
+/// Most rows in one tract call: larger batches are run in parts of this many rows. Per-row
+/// cost stops falling long before (batch 256 has all of the batching gain, BENCHMARKS.md),
+/// while a whole fleet in one call (100k rows) made every step allocate and fault in tens of
+/// megabytes of tensors, which the allocator hands back to the system after each call (its
+/// threshold for such blocks is 8 MiB).
+pub const MAX_BATCH_ROWS: usize = 4096;
+
 /// A model optimized into a runnable plan for batches of float32 rows.
 #[derive(Debug)]
 pub struct CompiledModel {
@@ -434,7 +441,8 @@ impl CompiledModel {
         self.cost
     }
 
-    /// Runs the model on `rows` (row by row, `width` values each) as one batch.
+    /// Runs the model on `rows` (row by row, `width` values each), in batches of at most
+    /// [`MAX_BATCH_ROWS`] rows.
     ///
     /// # Errors
     /// A row count that is not a whole number of rows, or a failed run.
@@ -446,6 +454,35 @@ impl CompiledModel {
                 self.width
             )));
         }
+        let mut outputs: Vec<Output> = Vec::new();
+        for chunk in rows.chunks(MAX_BATCH_ROWS * self.width) {
+            let mut part = self.run_batch(chunk)?;
+            if outputs.is_empty() {
+                // Room for every row's outputs, so that the later parts never regrow them.
+                let total_rows = rows.len() / self.width;
+                for output in &mut part {
+                    let room = total_rows * output.width;
+                    match &mut output.values {
+                        OutputValues::F32(values) => values.reserve(room.saturating_sub(values.len())),
+                        OutputValues::I64(values) => values.reserve(room.saturating_sub(values.len())),
+                    }
+                }
+                outputs = part;
+                continue;
+            }
+            for (whole, part) in outputs.iter_mut().zip(part) {
+                match (&mut whole.values, part.values) {
+                    (OutputValues::F32(whole), OutputValues::F32(part)) => whole.extend(part),
+                    (OutputValues::I64(whole), OutputValues::I64(part)) => whole.extend(part),
+                    _ => return Err(ModelError::Tract(format!("output `{}` changed type", whole.name))),
+                }
+            }
+        }
+        Ok(outputs)
+    }
+
+    /// One tract call on whole rows (at most [`MAX_BATCH_ROWS`] of them).
+    fn run_batch(&self, rows: &[f32]) -> Result<Vec<Output>, ModelError> {
         let batch = rows.len() / self.width;
         let input = Tensor::from_shape(&[batch, self.width], rows).map_err(tract_error)?;
         let pooled = self.states.lock().ok().and_then(|mut pool| pool.pop());
@@ -495,6 +532,29 @@ mod tests {
             .iter()
             .map(|n| n.op.name().to_string())
             .collect()
+    }
+
+    /// A fleet's worth of rows, run in parts, gives what one call on all of them gives.
+    #[test]
+    fn rows_beyond_one_batch_give_one_calls_outputs() {
+        let model = CompiledModel::load(DIGITS).expect("digits");
+        let count = 2 * MAX_BATCH_ROWS + 37;
+        let rows: Vec<f32> = (0..count * 64).map(|i| ((i * 7919) % 17) as f32 / 16.0).collect();
+        let parts = model.run(&rows).expect("in parts");
+        let whole = model.run_batch(&rows).expect("one call");
+        assert_eq!(parts.len(), whole.len());
+        for (part, one) in parts.iter().zip(&whole) {
+            assert_eq!((&part.name, part.width), (&one.name, one.width));
+            match (&part.values, &one.values) {
+                (OutputValues::F32(a), OutputValues::F32(b)) => {
+                    assert_eq!(a.len(), b.len());
+                    let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+                    assert!(worst < 1e-6, "`{}` differs by {worst}", part.name);
+                }
+                (OutputValues::I64(a), OutputValues::I64(b)) => assert_eq!(a, b, "`{}`", part.name),
+                _ => panic!("`{}` changed type", part.name),
+            }
+        }
     }
 
     /// The row ops are in the digits plan, and give tract's own outputs: the same classes, and

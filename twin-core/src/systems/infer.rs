@@ -1,7 +1,8 @@
 //! `run_inference`: every device running a model scores each window it completed.
 //!
 //! Rows are gathered in device index order and every model version runs once per step on all
-//! of its rows (one batched tract call per version, whatever the fleet size). A device with a
+//! of its rows (batched tract calls of up to [`crate::inference::MAX_BATCH_ROWS`] rows, whatever
+//! the fleet size; the gathering buffers are kept from step to step). A device with a
 //! shadow also sends its rows to the shadow's batch; the shadow's decisions are compared with
 //! the acting version's, never acted on. Each row's score is compared with the device's
 //! threshold (or its class read); where the ground truth is known (a faulty group, or a fault
@@ -13,6 +14,7 @@
 //! Rows placed in the cloud wait while the device's gateway is partitioned, and their latency
 //! includes the wait.
 
+use bevy_ecs::resource::Resource;
 use bevy_ecs::world::World;
 
 use crate::components::{
@@ -38,6 +40,11 @@ pub const DECISION_BYTES: u64 = 48;
 fn transfer_ms(rtt_ms: f64, mbit_s: f64, bytes: u64) -> f64 {
     rtt_ms / 2.0 + bytes as f64 * 8.0 / (mbit_s * 1e3)
 }
+
+/// Each model version's rows of the step, gathered; kept between steps so that a fleet's
+/// worth of rows (tens of megabytes) is not allocated and faulted in again at every step.
+#[derive(Resource, Default)]
+struct Batches(Vec<Vec<f32>>);
 
 /// The rows one device handed to one model version this step.
 struct Owner {
@@ -129,7 +136,10 @@ pub fn run_inference(world: &mut World) {
         .iter()
         .map(|&g| world.get::<EdgeBuffer>(g).is_some_and(|b| b.partitioned))
         .collect();
-    let mut batches: Vec<Vec<f32>> = vec![Vec::new(); scenario.models.len()];
+    let mut kept = world.remove_resource::<Batches>().unwrap_or_default();
+    let batches = &mut kept.0;
+    batches.resize_with(scenario.models.len(), Vec::new);
+    batches.iter_mut().for_each(Vec::clear);
     let mut owners: Vec<Owner> = Vec::new();
     for (gi, group) in scenario.groups.iter().enumerate().filter(|(_, g)| g.model.is_some()) {
         for device in group.first_device..group.first_device + group.count {
@@ -218,6 +228,7 @@ pub fn run_inference(world: &mut World) {
             model.compiled.run(batch).ok().and_then(|o| Decisions::read(o, rows))
         })
         .collect();
+    world.insert_resource(kept);
     let calls = CallSizes::count(&scenario, &owners);
     let mut metrics = world.resource_mut::<Metrics>();
     for owner in &owners {

@@ -210,6 +210,58 @@ impl SensorWork<'_> {
     /// Noise, faults, clamp, quantization, dropout, accumulation and recording of `n` readings.
     fn finish_block(&mut self, n: usize) {
         let spec = self.spec;
+        let only_the_window_reads =
+            self.faults.is_none() && spec.clamp.is_none() && spec.quantize.is_none() && self.recorder.is_none();
+        let kept = if only_the_window_reads {
+            self.accumulate_with_noise(n);
+            n
+        } else {
+            self.apply_and_accumulate(n)
+        };
+        if kept == 0 {
+            return;
+        }
+        let step = &mut self.device.step;
+        step.samples += kept as u32;
+        step.newest = step.newest.max(self.block.times[kept - 1]);
+        if self.device.uplink.mode == UploadMode::Raw {
+            step.raw_messages += kept as u32;
+            step.raw_bytes += kept as u64 * u64::from(spec.raw_message_bytes(self.device.uplink.overhead_bytes));
+        }
+        if let Some(recorder) = self.recorder.as_deref_mut() {
+            let dims = spec.dims;
+            for i in 0..kept {
+                recorder.push(self.device.skew.device_time(self.block.times[i]));
+                for channel in 0..dims {
+                    recorder.push(self.block.values[channel][i]);
+                }
+            }
+        }
+    }
+
+    /// The common case, where nothing but the window reads a noisy reading (no faults, clamp,
+    /// quantization or recording): the noise is added as the readings are accumulated, never
+    /// written out. The same draws in the same order, and the same sums bit for bit, as
+    /// [`Self::apply_and_accumulate`].
+    fn accumulate_with_noise(&mut self, n: usize) {
+        let spec = self.spec;
+        let block = &mut *self.block;
+        for (channel, stats) in self.slot.channels.as_mut_slice().iter_mut().enumerate() {
+            let values = &block.values[channel][..n];
+            if spec.noise > 0.0 {
+                let noise = &mut block.scratch[..n];
+                self.slot.stream.fill_normal(noise);
+                stats.window.add_block_with_noise(values, noise, spec.noise, spec.shift);
+            } else {
+                stats.window.add_block(values, spec.shift);
+            }
+        }
+    }
+
+    /// Noise, faults, clamp, quantization and dropout written into the block, then accumulation;
+    /// returns how many readings dropout kept (at the front of the block).
+    fn apply_and_accumulate(&mut self, n: usize) -> usize {
+        let spec = self.spec;
         let dims = spec.dims;
         if spec.noise > 0.0 {
             for channel in self.block.values.iter_mut().take(dims) {
@@ -255,27 +307,10 @@ impl SensorWork<'_> {
             Some(faults) => fault::apply_dropout(faults, self.block, dims, n),
             None => n,
         };
-        if kept == 0 {
-            return;
-        }
         for (channel, stats) in self.slot.channels.as_mut_slice().iter_mut().enumerate() {
             stats.window.add_block(&self.block.values[channel][..kept], spec.shift);
         }
-        let step = &mut self.device.step;
-        step.samples += kept as u32;
-        step.newest = step.newest.max(self.block.times[kept - 1]);
-        if self.device.uplink.mode == UploadMode::Raw {
-            step.raw_messages += kept as u32;
-            step.raw_bytes += kept as u64 * u64::from(spec.raw_message_bytes(self.device.uplink.overhead_bytes));
-        }
-        if let Some(recorder) = self.recorder.as_deref_mut() {
-            for i in 0..kept {
-                recorder.push(self.device.skew.device_time(self.block.times[i]));
-                for channel in 0..dims {
-                    recorder.push(self.block.values[channel][i]);
-                }
-            }
-        }
+        kept
     }
 
     fn close_window(&mut self, at: u64) {
