@@ -204,6 +204,26 @@ fn plain_values<T: Datum + Copy>(tensor: &Tensor) -> Result<Vec<T>, ModelError> 
         .collect())
 }
 
+impl OutputValues {
+    /// Makes room for `total` values in all.
+    fn reserve_total(&mut self, total: usize) {
+        match self {
+            Self::F32(values) => values.reserve(total.saturating_sub(values.len())),
+            Self::I64(values) => values.reserve(total.saturating_sub(values.len())),
+        }
+    }
+
+    /// Appends the values of a later batch; `Err` when their types differ.
+    fn append(&mut self, later: Self) -> Result<(), ()> {
+        match (self, later) {
+            (Self::F32(values), Self::F32(more)) => values.extend(more),
+            (Self::I64(values), Self::I64(more)) => values.extend(more),
+            _ => return Err(()),
+        }
+        Ok(())
+    }
+}
+
 /// Most rows in one tract call: larger batches are run in parts of this many rows. Per-row
 /// cost stops falling long before (batch 256 has all of the batching gain, BENCHMARKS.md),
 /// while a whole fleet in one call (100k rows) made every step allocate and fault in tens of
@@ -454,28 +474,22 @@ impl CompiledModel {
                 self.width
             )));
         }
-        let mut outputs: Vec<Output> = Vec::new();
-        for chunk in rows.chunks(MAX_BATCH_ROWS * self.width) {
-            let mut part = self.run_batch(chunk)?;
-            if outputs.is_empty() {
-                // Room for every row's outputs, so that the later parts never regrow them.
-                let total_rows = rows.len() / self.width;
-                for output in &mut part {
-                    let room = total_rows * output.width;
-                    match &mut output.values {
-                        OutputValues::F32(values) => values.reserve(room.saturating_sub(values.len())),
-                        OutputValues::I64(values) => values.reserve(room.saturating_sub(values.len())),
-                    }
-                }
-                outputs = part;
-                continue;
-            }
-            for (whole, part) in outputs.iter_mut().zip(part) {
-                match (&mut whole.values, part.values) {
-                    (OutputValues::F32(whole), OutputValues::F32(part)) => whole.extend(part),
-                    (OutputValues::I64(whole), OutputValues::I64(part)) => whole.extend(part),
-                    _ => return Err(ModelError::Tract(format!("output `{}` changed type", whole.name))),
-                }
+        let mut parts = rows.chunks(MAX_BATCH_ROWS * self.width);
+        let mut outputs = match parts.next() {
+            Some(first) => self.run_batch(first)?,
+            None => return Ok(Vec::new()),
+        };
+        // Room for every row's outputs, so that the later parts never regrow them.
+        let total_rows = rows.len() / self.width;
+        for output in &mut outputs {
+            output.values.reserve_total(total_rows * output.width);
+        }
+        for part in parts {
+            for (whole, part) in outputs.iter_mut().zip(self.run_batch(part)?) {
+                whole
+                    .values
+                    .append(part.values)
+                    .map_err(|()| ModelError::Tract(format!("output `{}` changed type between batches", whole.name)))?;
             }
         }
         Ok(outputs)
