@@ -1,7 +1,8 @@
 //! A broker restarted mid-run: device-sim reconnects (devices and checker), counts what was
 //! lost, and completes its report. The test runs its own Mosquitto on a free port (the shared
-//! one stays untouched), kills it once every device is connected and starts it again.
+//! one stays untouched), kills it once every device has published and starts it again.
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -57,6 +58,22 @@ fn wait_for(lines: &mpsc::Receiver<String>, pattern: &str, count: usize) {
     }
 }
 
+/// Waits until `count` distinct clients have published. A client publishes only once it has read
+/// the broker's CONNACK, so each of them counts the next connection as a reconnect; the broker
+/// logging "New client connected" is not enough (it logs on CONNECT, before its CONNACK may have
+/// been read, and a client that never read one has never been connected).
+fn wait_for_publishers(lines: &mpsc::Receiver<String>, count: usize) {
+    let mut publishers = BTreeSet::new();
+    while publishers.len() < count {
+        let line = lines
+            .recv_timeout(PATIENCE)
+            .unwrap_or_else(|_| panic!("only {publishers:?} published"));
+        if let Some((_, rest)) = line.split_once("Received PUBLISH from ") {
+            publishers.insert(rest.split_whitespace().next().unwrap_or_default().to_string());
+        }
+    }
+}
+
 #[test]
 fn a_broker_restart_means_reconnects_counted_losses_and_a_complete_report() {
     let port = free_port();
@@ -84,8 +101,8 @@ fn a_broker_restart_means_reconnects_counted_losses_and_a_complete_report() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("device-sim starts");
-    // The checker and five devices connect; then the broker goes away and comes back.
-    wait_for(&lines, "New client connected", 6);
+    // The five devices connect and publish; then the broker goes away and comes back.
+    wait_for_publishers(&lines, 5);
     first.kill().expect("kill mosquitto");
     first.wait().expect("mosquitto ends");
     let (mut second, lines) = mosquitto(port);
