@@ -1,6 +1,8 @@
-//! `model-bench`: tract on every shipped model, per row at batch 1 and 256, side by side with
-//! onnxruntime on the same rows (both single-threaded, in the same run), medians of many runs,
-//! in rounds: each round times tract then onnxruntime, and the ratios are taken per round.
+//! `model-bench`: tract on every shipped model, per row at batch 1, 256 and 1000, side by side
+//! with onnxruntime on the same rows (both single-threaded, in the same run), medians of many
+//! runs, in rounds: each round times tract then onnxruntime, and the ratios are taken per round.
+//! Batch 256 is one of the row counts `CompiledModel` has a plan for (`BLOCK_ROWS`); batch 1000
+//! is not, and runs as one call on the 1024-row plan with 24 rows of padding.
 //!
 //! ```text
 //! pip install -r scenarios/models/requirements.txt
@@ -59,7 +61,11 @@ fn tract_us_per_row(model: &CompiledModel, rows: &[f32], batch: usize, repeat: u
     Ok(median(times) * 1e6 / batch as f64)
 }
 
-/// Deterministic rows around the reference inputs: 256 rows, each a reference row scaled a little.
+/// Batch sizes measured; the last is the most rows used.
+const BATCHES: [usize; 3] = [1, 256, 1000];
+
+/// Deterministic rows around the reference inputs: 1000 rows, each a reference row scaled a
+/// little.
 fn rows_for(reference: &Value, width: usize) -> Vec<f32> {
     let base: Vec<f32> = reference
         .as_array()
@@ -72,8 +78,9 @@ fn rows_for(reference: &Value, width: usize) -> Vec<f32> {
         })
         .unwrap_or_default();
     let base_rows = base.len() / width;
-    let mut rows = Vec::with_capacity(256 * width);
-    for r in 0..256 {
+    let count = BATCHES[BATCHES.len() - 1];
+    let mut rows = Vec::with_capacity(count * width);
+    for r in 0..count {
         let scale = 1.0 + (r as f32) * 1e-3;
         rows.extend(
             base[(r % base_rows) * width..(r % base_rows + 1) * width]
@@ -84,13 +91,15 @@ fn rows_for(reference: &Value, width: usize) -> Vec<f32> {
     rows
 }
 
-/// Per-row microseconds of onnxruntime at batch 1 and 256 on the same rows, and its version.
-fn onnxruntime_us_per_row(args: &Args, model: &Path, rows_file: &Path) -> Result<(f64, f64, Value)> {
+/// Per-row microseconds of onnxruntime at each of [`BATCHES`] on the same rows, and its version.
+fn onnxruntime_us_per_row(args: &Args, model: &Path, rows_file: &Path) -> Result<(Vec<f64>, Value)> {
     let output = Command::new(&args.python)
         .arg(workspace().join("benches/onnxruntime_bench.py"))
         .arg(model)
         .arg(rows_file)
-        .args(["--batches", "1", "256", "--repeat", &args.repeat.to_string()])
+        .arg("--batches")
+        .args(BATCHES.map(|b| b.to_string()))
+        .args(["--repeat", &args.repeat.to_string()])
         .env("OMP_NUM_THREADS", "1")
         .output()
         .context("running benches/onnxruntime_bench.py")?;
@@ -101,13 +110,19 @@ fn onnxruntime_us_per_row(args: &Args, model: &Path, rows_file: &Path) -> Result
         .lines()
         .map(serde_json::from_str)
         .collect::<Result<_, _>>()?;
-    let [batch_1, batch_256] = lines.as_slice() else {
-        bail!("onnxruntime bench printed {} lines, expected 2", lines.len());
-    };
+    if lines.len() != BATCHES.len() {
+        bail!(
+            "onnxruntime bench printed {} lines, expected {}",
+            lines.len(),
+            BATCHES.len()
+        );
+    }
     Ok((
-        batch_1["median_us_per_row"].as_f64().unwrap_or(f64::NAN),
-        batch_256["median_us_per_row"].as_f64().unwrap_or(f64::NAN),
-        batch_1["onnxruntime"].clone(),
+        lines
+            .iter()
+            .map(|line| line["median_us_per_row"].as_f64().unwrap_or(f64::NAN))
+            .collect(),
+        lines[0]["onnxruntime"].clone(),
     ))
 }
 
@@ -132,33 +147,38 @@ fn main() -> Result<()> {
         std::fs::write(&rows_file, serde_json::to_string(&as_rows)?)?;
         let mut rounds = Vec::with_capacity(args.rounds);
         for _ in 0..args.rounds.max(1) {
-            let tract_1 = tract_us_per_row(&model, &rows, 1, args.repeat)?;
-            let tract_256 = tract_us_per_row(&model, &rows, 256, args.repeat)?;
-            let (ort_1, ort_256, ort_version) = onnxruntime_us_per_row(&args, &path, &rows_file)?;
-            rounds.push(json!({
-                "tract_us_per_row_batch_1": tract_1,
-                "tract_us_per_row_batch_256": tract_256,
-                "tract_batching_gain": tract_1 / tract_256,
-                "onnxruntime_us_per_row_batch_1": ort_1,
-                "onnxruntime_us_per_row_batch_256": ort_256,
-                "tract_throughput_over_onnxruntime_batch_1": ort_1 / tract_1,
-                "tract_throughput_over_onnxruntime_batch_256": ort_256 / tract_256,
+            let tract = BATCHES
+                .iter()
+                .map(|&batch| tract_us_per_row(&model, &rows, batch, args.repeat))
+                .collect::<Result<Vec<_>>>()?;
+            let (ort, ort_version) = onnxruntime_us_per_row(&args, &path, &rows_file)?;
+            let mut round = json!({
+                "tract_batching_gain": tract[0] / tract[1],
                 "onnxruntime_version": ort_version,
-            }));
+            });
+            for (i, batch) in BATCHES.iter().enumerate() {
+                round[format!("tract_us_per_row_batch_{batch}")] = json!(tract[i]);
+                round[format!("onnxruntime_us_per_row_batch_{batch}")] = json!(ort[i]);
+                round[format!("tract_throughput_over_onnxruntime_batch_{batch}")] = json!(ort[i] / tract[i]);
+            }
+            rounds.push(round);
         }
         let median_of = |key: &str| median(rounds.iter().filter_map(|r| r[key].as_f64()).collect());
-        let result = json!({
+        let mut result = json!({
             "model": file,
             "rounds": rounds.len(),
-            "median_tract_us_per_row_batch_1": median_of("tract_us_per_row_batch_1"),
-            "median_tract_us_per_row_batch_256": median_of("tract_us_per_row_batch_256"),
             "median_tract_batching_gain": median_of("tract_batching_gain"),
-            "median_onnxruntime_us_per_row_batch_1": median_of("onnxruntime_us_per_row_batch_1"),
-            "median_onnxruntime_us_per_row_batch_256": median_of("onnxruntime_us_per_row_batch_256"),
-            "median_tract_throughput_over_onnxruntime_batch_1": median_of("tract_throughput_over_onnxruntime_batch_1"),
-            "median_tract_throughput_over_onnxruntime_batch_256": median_of("tract_throughput_over_onnxruntime_batch_256"),
-            "per_round": rounds,
         });
+        for batch in BATCHES {
+            for key in [
+                format!("tract_us_per_row_batch_{batch}"),
+                format!("onnxruntime_us_per_row_batch_{batch}"),
+                format!("tract_throughput_over_onnxruntime_batch_{batch}"),
+            ] {
+                result[format!("median_{key}")] = json!(median_of(&key));
+            }
+        }
+        result["per_round"] = json!(rounds);
         eprintln!("{result}");
         results.push(result);
     }

@@ -192,8 +192,6 @@ pub fn extend_row_f32(outputs: &[Output], row: usize, into: &mut Vec<f32>) {
     }
 }
 
-type Plan = TypedSimplePlan;
-
 /// The values of a plain tensor, in row-major order.
 fn plain_values<T: Datum + Copy>(tensor: &Tensor) -> Result<Vec<T>, ModelError> {
     Ok(tensor
@@ -213,6 +211,14 @@ impl OutputValues {
         }
     }
 
+    /// Keeps the first `len` values.
+    fn truncate(&mut self, len: usize) {
+        match self {
+            Self::F32(values) => values.truncate(len),
+            Self::I64(values) => values.truncate(len),
+        }
+    }
+
     /// Appends the values of a later batch; `Err` when their types differ.
     fn append(&mut self, later: Self) -> Result<(), ()> {
         match (self, later) {
@@ -224,22 +230,99 @@ impl OutputValues {
     }
 }
 
-/// Most rows in one tract call: larger batches are run in parts of this many rows. Per-row
-/// cost stops falling long before (batch 256 has all of the batching gain, BENCHMARKS.md),
-/// while a whole fleet in one call (100k rows) made every step allocate and fault in tens of
-/// megabytes of tensors, which the allocator hands back to the system after each call (its
-/// threshold for such blocks is 8 MiB).
-pub const MAX_BATCH_ROWS: usize = 4096;
+/// Row counts that have a plan of their own, largest first. tract picks its matrix-product
+/// kernels when it optimizes a plan, and with the batch unknown it takes kernels whose tiles
+/// span the weights' output width (64 wide for layers of 8 to 32 units): at batch 256 the
+/// shipped models ran 1.7x (digits) to 3.6x (vibration-anomaly v2) slower than on a plan
+/// compiled for 256 rows, where it picks from the whole shape (BENCHMARKS.md). How
+/// [`CompiledModel::run`] splits rows into calls: see [`CompiledModel::calls`].
+pub const BLOCK_ROWS: [usize; 5] = [4096, 1024, 256, 64, 16];
 
-/// A model optimized into a runnable plan for batches of float32 rows.
+/// Most rows in one tract call (the largest block): larger batches are run in parts. Per-row
+/// cost stops falling long before, while a whole fleet in one call (100k rows) made every step
+/// allocate and fault in tens of megabytes of tensors, which the allocator hands back to the
+/// system after each call (its threshold for such blocks is 8 MiB).
+pub const MAX_BATCH_ROWS: usize = BLOCK_ROWS[0];
+
+/// One optimized plan and the run states kept for it.
 #[derive(Debug)]
-pub struct CompiledModel {
-    plan: Arc<Plan>,
+struct Plan {
+    plan: Arc<TypedSimplePlan>,
     /// Run states kept between calls: a state holds the plan's value slots and scratch
     /// buffers, and building one per call cost about 30% of a batch-256 call of the small
     /// shipped models (BENCHMARKS.md). A pool rather than one state, so concurrent callers
     /// never wait on each other.
     states: std::sync::Mutex<Vec<TypedSimpleState>>,
+}
+
+impl Plan {
+    /// Optimizes a decluttered model, with our row ops in place of tract's when
+    /// `replace_row_ops`.
+    fn new(model: TypedModel, replace_row_ops: bool) -> Result<Self, ModelError> {
+        let mut optimized = model.into_optimized().map_err(tract_error)?;
+        if replace_row_ops {
+            rows::replace_row_ops(&mut optimized).map_err(tract_error)?;
+        }
+        Ok(Self {
+            plan: optimized.into_runnable().map_err(tract_error)?,
+            states: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    /// One tract call on `rows`, `width` values each, padded with rows of zeros up to
+    /// `call_rows` rows.
+    fn run(&self, rows: &[f32], width: usize, call_rows: usize) -> Result<TVec<TValue>, ModelError> {
+        let input = if rows.len() == call_rows * width {
+            Tensor::from_shape(&[call_rows, width], rows)
+        } else {
+            let mut padded = Vec::with_capacity(call_rows * width);
+            padded.extend_from_slice(rows);
+            padded.resize(call_rows * width, 0.0);
+            Tensor::from_shape(&[call_rows, width], &padded)
+        }
+        .map_err(tract_error)?;
+        let pooled = self.states.lock().ok().and_then(|mut pool| pool.pop());
+        let mut state = match pooled {
+            Some(state) => state,
+            None => TypedSimpleState::new(&self.plan).map_err(tract_error)?,
+        };
+        let results = state.run(tvec!(input.into())).map_err(tract_error)?;
+        if let Ok(mut pool) = self.states.lock() {
+            pool.push(state);
+        }
+        Ok(results)
+    }
+}
+
+/// `model` typed and decluttered for an input of `rows` rows of `width` float32 values.
+fn decluttered(model: &InferenceModel, rows: TDim, width: usize) -> Result<TypedModel, ModelError> {
+    let mut model = model.clone();
+    model
+        .set_input_fact(0, f32::fact([rows, width.to_dim()]).into())
+        .map_err(tract_error)?;
+    model
+        .into_typed()
+        .map_err(tract_error)?
+        .into_decluttered()
+        .map_err(tract_error)
+}
+
+/// One tract call of [`CompiledModel::run`].
+struct Call<'a> {
+    plan: &'a Plan,
+    /// The rows it runs.
+    rows: &'a [f32],
+    /// Rows in the call: more than `rows` holds when they are padded up to a block.
+    call_rows: usize,
+}
+
+/// A model optimized into runnable plans for batches of float32 rows.
+#[derive(Debug)]
+pub struct CompiledModel {
+    /// The plan for any number of rows (a symbolic batch).
+    any_rows: Plan,
+    /// One plan per entry of [`BLOCK_ROWS`], in its order.
+    blocks: Vec<Plan>,
     input_name: String,
     width: usize,
     outputs: Vec<TensorInfo>,
@@ -415,25 +498,17 @@ impl CompiledModel {
             }
         };
         let outputs: Vec<TensorInfo> = graph.output.iter().map(tensor_info).collect();
-        let mut model = framework.model_for_proto_model(&proto).map_err(tract_error)?;
+        let model = framework.model_for_proto_model(&proto).map_err(tract_error)?;
         let batch = model.symbols.sym("N");
-        model
-            .set_input_fact(0, f32::fact([batch.to_dim(), width.to_dim()]).into())
-            .map_err(tract_error)?;
-        let decluttered = model
-            .into_typed()
-            .map_err(tract_error)?
-            .into_decluttered()
-            .map_err(tract_error)?;
-        let cost = model_cost(&decluttered, &batch, graph)?;
-        let mut optimized = decluttered.into_optimized().map_err(tract_error)?;
-        if replace_row_ops {
-            rows::replace_row_ops(&mut optimized).map_err(tract_error)?;
-        }
-        let plan = optimized.into_runnable().map_err(tract_error)?;
+        let any_rows = decluttered(&model, batch.to_dim(), width)?;
+        let cost = model_cost(&any_rows, &batch, graph)?;
+        let blocks = BLOCK_ROWS
+            .iter()
+            .map(|&rows| Plan::new(decluttered(&model, rows.to_dim(), width)?, replace_row_ops))
+            .collect::<Result<_, _>>()?;
         Ok(Self {
-            plan,
-            states: std::sync::Mutex::new(Vec::new()),
+            any_rows: Plan::new(any_rows, replace_row_ops)?,
+            blocks,
             input_name: input.name.clone(),
             width,
             outputs,
@@ -461,8 +536,8 @@ impl CompiledModel {
         self.cost
     }
 
-    /// Runs the model on `rows` (row by row, `width` values each), in batches of at most
-    /// [`MAX_BATCH_ROWS`] rows.
+    /// Runs the model on `rows` (row by row, `width` values each), in the tract calls of
+    /// [`CompiledModel::calls`].
     ///
     /// # Errors
     /// A row count that is not a whole number of rows, or a failed run.
@@ -474,40 +549,74 @@ impl CompiledModel {
                 self.width
             )));
         }
-        let mut parts = rows.chunks(MAX_BATCH_ROWS * self.width);
-        let mut outputs = match parts.next() {
-            Some(first) => self.run_batch(first)?,
+        let mut calls = self.calls(rows);
+        let mut outputs = match calls.next() {
+            Some(first) => self.run_call(&first)?,
             None => return Ok(Vec::new()),
         };
-        // Room for every row's outputs, so that the later parts never regrow them.
+        // Room for every row's outputs, so that the later calls never regrow them.
         let total_rows = rows.len() / self.width;
         for output in &mut outputs {
             output.values.reserve_total(total_rows * output.width);
         }
-        for part in parts {
-            for (whole, part) in outputs.iter_mut().zip(self.run_batch(part)?) {
+        for call in calls {
+            for (whole, part) in outputs.iter_mut().zip(self.run_call(&call)?) {
                 whole
                     .values
                     .append(part.values)
-                    .map_err(|()| ModelError::Tract(format!("output `{}` changed type between batches", whole.name)))?;
+                    .map_err(|()| ModelError::Tract(format!("output `{}` changed type between calls", whole.name)))?;
             }
         }
         Ok(outputs)
     }
 
-    /// One tract call on whole rows (at most [`MAX_BATCH_ROWS`] of them).
-    fn run_batch(&self, rows: &[f32]) -> Result<Vec<Output>, ModelError> {
-        let batch = rows.len() / self.width;
-        let input = Tensor::from_shape(&[batch, self.width], rows).map_err(tract_error)?;
-        let pooled = self.states.lock().ok().and_then(|mut pool| pool.pop());
-        let mut state = match pooled {
-            Some(state) => state,
-            None => TypedSimpleState::new(&self.plan).map_err(tract_error)?,
-        };
-        let results = state.run(tvec!(input.into())).map_err(tract_error)?;
-        if let Ok(mut pool) = self.states.lock() {
-            pool.push(state);
+    /// The tract calls that run `rows`, in order. While the rows left fill the largest block
+    /// ([`BLOCK_ROWS`]), a call takes one. The rows left then go in one last call on the
+    /// smallest block that holds them if they fill at least three quarters of it (padded with
+    /// rows of zeros, whose outputs are dropped): a third more arithmetic at most, against up to
+    /// three calls of each smaller block, and a call of the small shipped models costs about as
+    /// much as 100 rows (BENCHMARKS.md). Otherwise a call takes the largest block they fill, and
+    /// fewer rows than that (batch 1 included, where tract's matrix-vector kernel is already
+    /// the right one) run on the plan for any row count.
+    fn calls<'a>(&'a self, rows: &'a [f32]) -> impl Iterator<Item = Call<'a>> + 'a {
+        let mut rest = rows;
+        std::iter::from_fn(move || {
+            let count = rest.len() / self.width;
+            if count == 0 {
+                return None;
+            }
+            let blocks = || BLOCK_ROWS.iter().copied().zip(&self.blocks);
+            let last = blocks()
+                .rev()
+                .find(|&(block, _)| count <= block && 4 * count >= 3 * block);
+            let (plan, taken, call_rows) = match (last, blocks().find(|&(block, _)| count >= block)) {
+                (Some((block, plan)), _) => (plan, count, block),
+                (None, Some((block, plan))) => (plan, block, block),
+                (None, None) => (&self.any_rows, count, count),
+            };
+            let (part, after) = rest.split_at(taken * self.width);
+            rest = after;
+            Some(Call {
+                plan,
+                rows: part,
+                call_rows,
+            })
+        })
+    }
+
+    /// Runs one call; the outputs of its padding rows are dropped.
+    fn run_call(&self, call: &Call) -> Result<Vec<Output>, ModelError> {
+        let results = call.plan.run(call.rows, self.width, call.call_rows)?;
+        let mut outputs = self.outputs_of(results)?;
+        let rows = call.rows.len() / self.width;
+        for output in &mut outputs {
+            output.values.truncate(rows * output.width);
         }
+        Ok(outputs)
+    }
+
+    /// A call's results as named outputs.
+    fn outputs_of(&self, results: TVec<TValue>) -> Result<Vec<Output>, ModelError> {
         let mut outputs = Vec::with_capacity(results.len());
         for (index, value) in results.iter().enumerate() {
             let name = self
@@ -538,35 +647,90 @@ mod tests {
 
     const DIGITS: &[u8] = include_bytes!("../../../scenarios/models/digits-v1.onnx");
 
+    /// The ops of every plan of `model`.
     fn op_names(model: &CompiledModel) -> Vec<String> {
-        model
-            .plan
-            .model()
-            .nodes()
-            .iter()
-            .map(|n| n.op.name().to_string())
+        std::iter::once(&model.any_rows)
+            .chain(&model.blocks)
+            .flat_map(|plan| plan.plan.model().nodes().iter().map(|n| n.op.name().to_string()))
             .collect()
     }
 
-    /// A fleet's worth of rows, run in parts, gives what one call on all of them gives.
+    /// Rows of pixels in [0, 1], from a fixed linear congruence.
+    fn pixel_rows(count: usize) -> Vec<f32> {
+        let mut state: u32 = 12_345;
+        (0..count * 64)
+            .map(|_| {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (state >> 8) as f32 / (1u32 << 24) as f32
+            })
+            .collect()
+    }
+
+    /// Rows in each call `run` makes on `count` rows, and the rows each takes.
+    fn call_rows(model: &CompiledModel, count: usize) -> Vec<(usize, usize)> {
+        let rows = vec![0.0; count * model.width()];
+        model
+            .calls(&rows)
+            .map(|call| (call.call_rows, call.rows.len() / model.width()))
+            .collect()
+    }
+
+    /// Full blocks while the rows fill the largest; then one padded call when the rest fills
+    /// three quarters of a block, else the largest block they fill; the plan for any row count
+    /// below the smallest block.
     #[test]
-    fn rows_beyond_one_batch_give_one_calls_outputs() {
+    fn rows_are_split_into_blocks_and_a_last_call() {
         let model = CompiledModel::load(DIGITS).expect("digits");
-        let count = 2 * MAX_BATCH_ROWS + 37;
-        let rows: Vec<f32> = (0..count * 64).map(|i| ((i * 7919) % 17) as f32 / 16.0).collect();
-        let parts = model.run(&rows).expect("in parts");
-        let whole = model.run_batch(&rows).expect("one call");
-        assert_eq!(parts.len(), whole.len());
-        for (part, one) in parts.iter().zip(&whole) {
-            assert_eq!((&part.name, part.width), (&one.name, one.width));
-            match (&part.values, &one.values) {
-                (OutputValues::F32(a), OutputValues::F32(b)) => {
-                    assert_eq!(a.len(), b.len());
-                    let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
-                    assert!(worst < 1e-6, "`{}` differs by {worst}", part.name);
+        assert_eq!(BLOCK_ROWS, [4096, 1024, 256, 64, 16]);
+        let cases: [(usize, &[(usize, usize)]); 8] = [
+            (1, &[(1, 1)]),
+            (11, &[(11, 11)]),
+            (12, &[(16, 12)]),
+            (256, &[(256, 256)]),
+            (300, &[(256, 256), (16, 16), (16, 16), (16, 12)]),
+            (1000, &[(1024, 1000)]),
+            (4096 + 1, &[(4096, 4096), (1, 1)]),
+            (
+                5751,
+                &[(4096, 4096), (1024, 1024), (256, 256), (256, 256), (64, 64), (64, 55)],
+            ),
+        ];
+        for (count, expected) in cases {
+            assert_eq!(call_rows(&model, count), expected, "{count} rows");
+        }
+    }
+
+    /// Row counts that use every block, padding and the plan for any row count give each row
+    /// what that row gives alone (batch 1, on the plan for any row count), bit for bit: the
+    /// plans differ in kernels, not in arithmetic, and padding rows change no other row.
+    #[test]
+    fn every_block_gives_each_row_what_it_gives_alone() {
+        let model = CompiledModel::load(DIGITS).expect("digits");
+        // 5463 = 4096 + 1024 + 256 + 64 + 16 + 7 (any row count); 5468 ends on 12 rows padded to 16.
+        for count in [5463, 5468] {
+            let rows = pixel_rows(count);
+            let together = model.run(&rows).expect("together");
+            for (row, values) in rows.chunks(64).enumerate() {
+                let alone = model
+                    .outputs_of(model.any_rows.run(values, 64, 1).expect("alone"))
+                    .expect("outputs");
+                for (all, one) in together.iter().zip(&alone) {
+                    let len = match &all.values {
+                        OutputValues::F32(values) => values.len(),
+                        OutputValues::I64(values) => values.len(),
+                    };
+                    assert_eq!(len, count * one.width, "`{}`", one.name);
+                    let range = row * one.width..(row + 1) * one.width;
+                    match (&all.values, &one.values) {
+                        (OutputValues::F32(a), OutputValues::F32(b)) => {
+                            let a: Vec<u32> = a[range].iter().map(|v| v.to_bits()).collect();
+                            let b: Vec<u32> = b.iter().map(|v| v.to_bits()).collect();
+                            assert_eq!(a, b, "{count} rows: row {row}, `{}`", one.name);
+                        }
+                        (OutputValues::I64(a), OutputValues::I64(b)) => assert_eq!(&a[range], &b[..], "row {row}"),
+                        _ => panic!("`{}` changed type", one.name),
+                    }
                 }
-                (OutputValues::I64(a), OutputValues::I64(b)) => assert_eq!(a, b, "`{}`", part.name),
-                _ => panic!("`{}` changed type", part.name),
             }
         }
     }
@@ -581,14 +745,7 @@ mod tests {
         assert!(names.iter().any(|n| n == "RowSoftmax"), "{names:?}");
         assert!(names.iter().any(|n| n == "RowArgMax"), "{names:?}");
         assert!(!op_names(&tracts).iter().any(|n| n.starts_with("Row")));
-        // 300 rows of pixels in [0, 1], from a fixed linear congruence.
-        let mut state: u32 = 12_345;
-        let rows: Vec<f32> = (0..300 * 64)
-            .map(|_| {
-                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (state >> 8) as f32 / (1u32 << 24) as f32
-            })
-            .collect();
+        let rows = pixel_rows(300);
         for batch in [1, 7, 256, 300] {
             let input = &rows[..batch * 64];
             let (a, b) = (ours.run(input).expect("run"), tracts.run(input).expect("run"));
