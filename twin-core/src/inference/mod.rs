@@ -235,7 +235,7 @@ impl OutputValues {
 /// span the weights' output width (64 wide for layers of 8 to 32 units): at batch 256 the
 /// shipped models ran 1.7x (digits) to 3.6x (vibration-anomaly v2) slower than on a plan
 /// compiled for 256 rows, where it picks from the whole shape (BENCHMARKS.md). How
-/// [`CompiledModel::run`] splits rows into calls: see [`CompiledModel::calls`].
+/// [`CompiledModel::run`] splits rows into calls: see there.
 pub const BLOCK_ROWS: [usize; 5] = [4096, 1024, 256, 64, 16];
 
 /// Most rows in one tract call (the largest block): larger batches are run in parts. Per-row
@@ -536,8 +536,15 @@ impl CompiledModel {
         self.cost
     }
 
-    /// Runs the model on `rows` (row by row, `width` values each), in the tract calls of
-    /// [`CompiledModel::calls`].
+    /// Runs the model on `rows` (row by row, `width` values each), in tract calls on the plans
+    /// of [`BLOCK_ROWS`]. While the rows left fill the largest block, a call takes one. The rows
+    /// left then go in one last call on the smallest block that holds them if they fill at
+    /// least three quarters of it (padded with rows of zeros, whose outputs are dropped): a
+    /// third more arithmetic at most, against up to three calls of each smaller block, and a
+    /// call of the small shipped models costs about as much as 100 rows (BENCHMARKS.md).
+    /// Otherwise a call takes the largest block they fill, and fewer rows than that (batch 1
+    /// included, where tract's matrix-vector kernel is already the right one) run on the plan
+    /// for any row count.
     ///
     /// # Errors
     /// A row count that is not a whole number of rows, or a failed run.
@@ -570,14 +577,7 @@ impl CompiledModel {
         Ok(outputs)
     }
 
-    /// The tract calls that run `rows`, in order. While the rows left fill the largest block
-    /// ([`BLOCK_ROWS`]), a call takes one. The rows left then go in one last call on the
-    /// smallest block that holds them if they fill at least three quarters of it (padded with
-    /// rows of zeros, whose outputs are dropped): a third more arithmetic at most, against up to
-    /// three calls of each smaller block, and a call of the small shipped models costs about as
-    /// much as 100 rows (BENCHMARKS.md). Otherwise a call takes the largest block they fill, and
-    /// fewer rows than that (batch 1 included, where tract's matrix-vector kernel is already
-    /// the right one) run on the plan for any row count.
+    /// The tract calls that run `rows`, in order, split as [`CompiledModel::run`] says.
     fn calls<'a>(&'a self, rows: &'a [f32]) -> impl Iterator<Item = Call<'a>> + 'a {
         let mut rest = rows;
         std::iter::from_fn(move || {
