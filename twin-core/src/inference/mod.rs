@@ -247,7 +247,7 @@ pub const MAX_BATCH_ROWS: usize = BLOCK_ROWS[0];
 /// One optimized plan and the run states kept for it.
 #[derive(Debug)]
 struct Plan {
-    plan: Arc<TypedSimplePlan>,
+    runnable: Arc<TypedSimplePlan>,
     /// Run states kept between calls: a state holds the plan's value slots and scratch
     /// buffers, and building one per call cost about 30% of a batch-256 call of the small
     /// shipped models (BENCHMARKS.md). A pool rather than one state, so concurrent callers
@@ -264,7 +264,7 @@ impl Plan {
             rows::replace_row_ops(&mut optimized).map_err(tract_error)?;
         }
         Ok(Self {
-            plan: optimized.into_runnable().map_err(tract_error)?,
+            runnable: optimized.into_runnable().map_err(tract_error)?,
             states: std::sync::Mutex::new(Vec::new()),
         })
     }
@@ -284,7 +284,7 @@ impl Plan {
         let pooled = self.states.lock().ok().and_then(|mut pool| pool.pop());
         let mut state = match pooled {
             Some(state) => state,
-            None => TypedSimpleState::new(&self.plan).map_err(tract_error)?,
+            None => TypedSimpleState::new(&self.runnable).map_err(tract_error)?,
         };
         let results = state.run(tvec!(input.into())).map_err(tract_error)?;
         if let Ok(mut pool) = self.states.lock() {
@@ -651,7 +651,7 @@ mod tests {
     fn op_names(model: &CompiledModel) -> Vec<String> {
         std::iter::once(&model.any_rows)
             .chain(&model.blocks)
-            .flat_map(|plan| plan.plan.model().nodes().iter().map(|n| n.op.name().to_string()))
+            .flat_map(|plan| plan.runnable.model().nodes().iter().map(|n| n.op.name().to_string()))
             .collect()
     }
 
