@@ -541,7 +541,7 @@ impl CompiledModel {
     /// left then go in one last call on the smallest block that holds them if they fill at
     /// least three quarters of it (padded with rows of zeros, whose outputs are dropped): a
     /// third more arithmetic at most, against up to three calls of each smaller block, and a
-    /// call of the small shipped models costs about as much as 100 rows (BENCHMARKS.md).
+    /// call of the small shipped models costs what 20 to 100 rows cost (BENCHMARKS.md).
     /// Otherwise a call takes the largest block they fill, and fewer rows than that (batch 1
     /// included, where tract's matrix-vector kernel is already the right one) run on the plan
     /// for any row count.
