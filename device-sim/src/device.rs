@@ -2,8 +2,9 @@
 //! settings, sampling rate, model version) and running its model on its windows with
 //! `twin_core::inference`, as the device would on the edge.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use serde_json::{Map, Value};
 use twin_core::features::push_window_features;
@@ -30,18 +31,26 @@ pub struct RunningModel {
 }
 
 /// Where a device finds model versions it is asked to run: the scenario's deployed versions,
-/// then the registry beside the scenario (`models/manifest.json`).
+/// then the registry beside the scenario (`models/manifest.json`). Clones share what was loaded.
 #[derive(Clone, Debug)]
 pub struct ModelSource {
     /// The registry folder.
     pub registry_dir: PathBuf,
+    /// Versions loaded from the registry, by reference: each is read, checked and compiled once
+    /// per run (a compiled model holds six tract plans, milliseconds of optimizing), and every
+    /// device asked to run it shares them. Devices asking at the same time wait for the first.
+    loaded: Arc<Mutex<HashMap<String, Arc<Loading>>>>,
 }
+
+/// A registry version being loaded, or loaded.
+type Loading = OnceLock<Result<RunningModel, String>>;
 
 impl ModelSource {
     /// The registry folder of a scenario file.
     pub fn beside(scenario_path: &Path) -> Self {
         Self {
             registry_dir: scenario_path.parent().unwrap_or(Path::new(".")).join("models"),
+            loaded: Arc::default(),
         }
     }
 
@@ -67,6 +76,32 @@ impl ModelSource {
                 compiled: deployed.compiled.clone(),
             });
         }
+        self.from_registry(reference)
+    }
+
+    /// `reference` from the registry, loaded once and shared (see `loaded`).
+    fn from_registry(&self, reference: &str) -> Result<RunningModel, String> {
+        let cell = Arc::clone(
+            self.loaded
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(reference.to_owned())
+                .or_default(),
+        );
+        let result = cell.get_or_init(|| self.read_registry(reference)).clone();
+        if result.is_err() {
+            // A failure is not kept: the next device asked tries again (the file may be fixed).
+            let mut loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
+            if loaded.get(reference).is_some_and(|kept| Arc::ptr_eq(kept, &cell)) {
+                loaded.remove(reference);
+            }
+        }
+        result
+    }
+
+    /// Reads `reference` from the registry, checks its sha256, compiles it and runs it once on
+    /// a row of zeros.
+    fn read_registry(&self, reference: &str) -> Result<RunningModel, String> {
         let manifest = self.registry_dir.join("manifest.json");
         let text =
             std::fs::read_to_string(&manifest).map_err(|err| format!("cannot read {}: {err}", manifest.display()))?;
@@ -494,14 +529,14 @@ mod tests {
 
     use twin_core::{LoadOptions, RunOptions, Simulation};
 
-    use super::DeviceInference;
+    use super::{Arc, DeviceInference, ModelSource};
 
     /// A camera's frame `k` in device-sim is the image the core's camera recorded at frame `k`
     /// (the recorded reading is the image's mean pixel).
     #[test]
     fn camera_frames_are_the_cores_images() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/device-sim-camera.toml");
-        let scenario = std::sync::Arc::new(crate::fleet::load(&path, LoadOptions::default(), None).expect("valid"));
+        let scenario = Arc::new(crate::fleet::load(&path, LoadOptions::default(), None).expect("valid"));
         let mut simulation = Simulation::new(scenario.clone(), RunOptions { record: true });
         let mut recorded: Vec<(String, f64, f64)> = Vec::new();
         while simulation.step() {
@@ -527,5 +562,33 @@ mod tests {
         let firsts: Vec<u64> = firsts.into_values().collect();
         assert_eq!(firsts.len(), 2);
         assert_ne!(firsts[0], firsts[1], "each camera starts at its own image");
+    }
+
+    fn source() -> ModelSource {
+        ModelSource::beside(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/device-sim-smoke.toml"))
+    }
+
+    /// Every clone of a source shares one compiled model per registry version; a failed load is
+    /// reported to each caller and not kept.
+    #[test]
+    fn a_registry_version_is_compiled_once_and_shared() {
+        let models = source();
+        let first = models.from_registry("vibration-anomaly@3").expect("v3 loads");
+        let again = models.clone().from_registry("vibration-anomaly@3").expect("v3 again");
+        assert!(Arc::ptr_eq(&first.compiled, &again.compiled));
+        assert_eq!((first.name.as_str(), first.version), ("vibration-anomaly", 3));
+        let other = source()
+            .from_registry("vibration-anomaly@3")
+            .expect("another run's source");
+        assert!(
+            !Arc::ptr_eq(&first.compiled, &other.compiled),
+            "separate sources share nothing"
+        );
+        for _ in 0..2 {
+            let err = models.from_registry("vibration-anomaly@99").expect_err("no version 99");
+            assert!(err.contains("99"), "{err}");
+        }
+        let kept: Vec<String> = models.loaded.lock().expect("lock").keys().cloned().collect();
+        assert_eq!(kept, ["vibration-anomaly@3"]);
     }
 }

@@ -236,13 +236,12 @@ impl OutputValues {
 /// shipped models ran 1.7x (digits) to 3.6x (vibration-anomaly v2) slower than on a plan
 /// compiled for 256 rows, where it picks from the whole shape (BENCHMARKS.md). How
 /// [`CompiledModel::run`] splits rows into calls: see there.
+///
+/// The largest block is also the most rows in one call. Per-row cost stops falling long
+/// before, while a whole fleet in one call (100k rows) made every step allocate and fault in
+/// tens of megabytes of tensors, which the allocator hands back to the system after each call
+/// (its threshold for such blocks is 8 MiB).
 pub const BLOCK_ROWS: [usize; 5] = [4096, 1024, 256, 64, 16];
-
-/// Most rows in one tract call (the largest block): larger batches are run in parts. Per-row
-/// cost stops falling long before, while a whole fleet in one call (100k rows) made every step
-/// allocate and fault in tens of megabytes of tensors, which the allocator hands back to the
-/// system after each call (its threshold for such blocks is 8 MiB).
-pub const MAX_BATCH_ROWS: usize = BLOCK_ROWS[0];
 
 /// One optimized plan and the run states kept for it.
 #[derive(Debug)]

@@ -1,13 +1,13 @@
 //! `run_inference`: every device running a model scores each window it completed.
 //!
 //! Rows are gathered in device index order and every model version runs once per step on all
-//! of its rows (batched tract calls of up to [`crate::inference::MAX_BATCH_ROWS`] rows, whatever
-//! the fleet size, each on a plan optimized for its row count; the gathering buffers are kept
-//! from step to step). A device with a
-//! shadow also sends its rows to the shadow's batch; the shadow's decisions are compared with
-//! the acting version's, never acted on. Each row's score is compared with the device's
-//! threshold (or its class read); where the ground truth is known (a faulty group, or a fault
-//! active on the model's sensor) the outcome counts towards accuracy.
+//! of its rows (batched tract calls of at most the largest of [`crate::inference::BLOCK_ROWS`]
+//! rows, whatever the fleet size, each on a plan optimized for its row count; the gathering
+//! buffers are kept from step to step). A device with a shadow also sends its rows to the
+//! shadow's batch; the shadow's decisions are compared with the acting version's, never acted
+//! on. Each row's score is compared with the device's threshold (or its class read); where the
+//! ground truth is known (a faulty group, or a fault active on the model's sensor) the outcome
+//! counts towards accuracy.
 //!
 //! Latency is projected, not timed: the placement decides which hardware runs the call (the
 //! device, its gateway, or the cloud, where one call serves every row of the step) and what
