@@ -76,11 +76,11 @@ impl ModelSource {
                 compiled: deployed.compiled.clone(),
             });
         }
-        self.from_registry(reference)
+        self.registry_version(reference)
     }
 
     /// `reference` from the registry, loaded once and shared (see `loaded`).
-    fn from_registry(&self, reference: &str) -> Result<RunningModel, String> {
+    fn registry_version(&self, reference: &str) -> Result<RunningModel, String> {
         let cell = Arc::clone(
             self.loaded
                 .lock()
@@ -573,19 +573,24 @@ mod tests {
     #[test]
     fn a_registry_version_is_compiled_once_and_shared() {
         let models = source();
-        let first = models.from_registry("vibration-anomaly@3").expect("v3 loads");
-        let again = models.clone().from_registry("vibration-anomaly@3").expect("v3 again");
+        let first = models.registry_version("vibration-anomaly@3").expect("v3 loads");
+        let again = models
+            .clone()
+            .registry_version("vibration-anomaly@3")
+            .expect("v3 again");
         assert!(Arc::ptr_eq(&first.compiled, &again.compiled));
         assert_eq!((first.name.as_str(), first.version), ("vibration-anomaly", 3));
         let other = source()
-            .from_registry("vibration-anomaly@3")
+            .registry_version("vibration-anomaly@3")
             .expect("another run's source");
         assert!(
             !Arc::ptr_eq(&first.compiled, &other.compiled),
             "separate sources share nothing"
         );
         for _ in 0..2 {
-            let err = models.from_registry("vibration-anomaly@99").expect_err("no version 99");
+            let err = models
+                .registry_version("vibration-anomaly@99")
+                .expect_err("no version 99");
             assert!(err.contains("99"), "{err}");
         }
         let kept: Vec<String> = models.loaded.lock().expect("lock").keys().cloned().collect();
